@@ -1,0 +1,165 @@
+"""Plain PyTorch references for every HYDRA op.
+
+These functions define what each op computes. The model runs them directly on the
+``"torch"`` kernel backend (and on CPU under ``"auto"``); every Triton kernel in this
+package is tested against them, output and every gradient.
+
+Shape letters: B batch, T tokens, C channels, H heads, h head dim, K selected tokens,
+N flattened tokens, X experts, E hidden size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_conv_state_len(seq_kernel: int, chan_kernel: int) -> int:
+    """Number of past pre-conv columns the two stacked causal convs need (their receptive field - 1)."""
+    return seq_kernel + chan_kernel - 2
+
+
+def causal_conv_ref(
+    x: torch.Tensor,  # (B, T, C)
+    seq_weight: torch.Tensor,  # (C, Ks) depthwise kernel over time
+    chan_weight: torch.Tensor,  # (C, C // H, Kc) per-head channel mixing over time
+    num_heads: int,
+    state: torch.Tensor | None = None,  # (B, Ks + Kc - 2, C) previous pre-conv columns, oldest first
+) -> torch.Tensor:
+    """Causal depthwise sequence conv followed by a causal conv grouped per head.
+
+    Token t sees only tokens <= t. With ``state=None`` the past is zeros (a sequence start).
+    The two convs have no bias, so zero history gives zero intermediate values, which is the
+    same as zero-padding each conv on its own.
+    """
+    B, T, C = x.shape
+    Ks = seq_weight.shape[-1]
+    Kc = chan_weight.shape[-1]
+    P = causal_conv_state_len(Ks, Kc)
+    if state is None:
+        state = x.new_zeros(B, P, C)
+    xp = torch.cat([state.to(x.dtype), x], dim=1).transpose(1, 2)  # (B, C, P + T)
+    mid = F.conv1d(xp, seq_weight.unsqueeze(1), groups=C)  # (B, C, T + Kc - 1)
+    out = F.conv1d(mid, chan_weight, groups=num_heads)  # (B, C, T)
+    return out.transpose(1, 2)  # (B, T, C)
+
+
+def qk_mean_ref(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CCGQA q-k mean: m_q = (q + k repeated to the query heads) / 2; m_k = m_q averaged per KV group.
+
+    q: (B, T, Hq, h), k: (B, T, Hk, h) -> m_q (B, T, Hq, h), m_k (B, T, Hk, h).
+    """
+    B, T, Hq, h = q.shape
+    Hk = k.shape[2]
+    groups = Hq // Hk
+    k_rep = k.repeat_interleave(groups, dim=2)  # (B, T, Hq, h)
+    m_q = 0.5 * (q + k_rep)
+    m_k = m_q.view(B, T, Hk, groups, h).mean(dim=3)  # (B, T, Hk, h)
+    return m_q, m_k
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_partial_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the first ``cos.shape[-1]`` channels of each head; the rest pass through.
+
+    x: (B, T, H, h); cos, sin: (B, T, r) with r even (HF layout: both halves repeat the freqs).
+    """
+    r = cos.shape[-1]
+    cos = cos.unsqueeze(2).to(x.dtype)  # (B, T, 1, r)
+    sin = sin.unsqueeze(2).to(x.dtype)
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    x_rot = x_rot * cos + _rotate_half(x_rot) * sin
+    return torch.cat([x_rot, x_pass], dim=-1)
+
+
+def qk_norm_rope_ref(
+    q: torch.Tensor,  # (B, T, Hq, h) post-conv queries
+    k: torch.Tensor,  # (B, T, Hk, h) post-conv keys
+    q_mean: torch.Tensor | None,  # (B, T, Hq, h) or None
+    k_mean: torch.Tensor | None,  # (B, T, Hk, h) or None
+    temperature: torch.Tensor,  # (Hk,) learnable key temperature
+    cos: torch.Tensor,  # (B, T, r)
+    sin: torch.Tensor,  # (B, T, r)
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add back the q-k mean, L2-normalise per head, scale by sqrt(h) (keys also by their
+    per-KV-head temperature), then partial RoPE. Computed in fp32, returned in q's dtype."""
+    dtype = q.dtype
+    h = q.shape[-1]
+    q = q.float()
+    k = k.float()
+    if q_mean is not None:
+        q = q + q_mean.float()
+        k = k + k_mean.float()
+    scale = h**0.5
+    q = q * torch.rsqrt(q.pow(2).sum(-1, keepdim=True) + eps) * scale
+    k = k * torch.rsqrt(k.pow(2).sum(-1, keepdim=True) + eps) * (scale * temperature.float().view(1, 1, -1, 1))
+    q = apply_partial_rope_ref(q, cos.float(), sin.float())
+    k = apply_partial_rope_ref(k, cos.float(), sin.float())
+    return q.to(dtype), k.to(dtype)
+
+
+def gather_tokens_ref(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, E), index: (B, K) int64 -> (B, K, E) rows x[b, index[b, k]]."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def scatter_gated_add_ref(
+    residual: torch.Tensor,  # (B, T, E)
+    update: torch.Tensor,  # (B, K, E)
+    index: torch.Tensor,  # (B, K) int64, unique within each row
+    gate: torch.Tensor | None = None,  # (B, K) or None (= 1)
+) -> torch.Tensor:
+    """Out-of-place residual[b, index[b, k]] += gate[b, k] * update[b, k]."""
+    if gate is not None:
+        update = update * gate.unsqueeze(-1).to(update.dtype)
+    idx = index.unsqueeze(-1).expand(-1, -1, residual.shape[-1])
+    return residual.scatter_add(1, idx, update.to(residual.dtype))
+
+
+def moe_permute_ref(
+    x: torch.Tensor,  # (N, E)
+    expert_index: torch.Tensor,  # (N, k) int64
+    num_experts: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort the N*k (token, slot) pairs by expert.
+
+    Returns permuted (N*k, E) rows grouped by expert (stable: token order inside an expert),
+    tokens_per_expert (X,) int64 and sorted_pairs (N*k,) int64: the flat pair id n*k+j of each row.
+    """
+    N, k = expert_index.shape
+    flat = expert_index.reshape(-1)  # (N*k,)
+    sorted_pairs = torch.argsort(flat, stable=True)  # (N*k,)
+    permuted = x.index_select(0, sorted_pairs // k)  # (N*k, E)
+    tokens_per_expert = torch.bincount(flat, minlength=num_experts)
+    return permuted, tokens_per_expert, sorted_pairs
+
+
+def moe_unpermute_ref(
+    expert_out: torch.Tensor,  # (N*k, E) rows in permuted order
+    sorted_pairs: torch.Tensor,  # (N*k,)
+    weights: torch.Tensor,  # (N, k) routing weights
+) -> torch.Tensor:
+    """Put rows back in (token, slot) order and sum the slots weighted by the routing weights -> (N, E)."""
+    N, k = weights.shape
+    unsorted = torch.empty_like(expert_out)
+    unsorted = unsorted.index_copy(0, sorted_pairs, expert_out)  # (N*k, E)
+    unsorted = unsorted.view(N, k, -1)
+    return (unsorted * weights.unsqueeze(-1).to(unsorted.dtype)).sum(dim=1)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama RMSNorm: fp32 statistics, weight applied in the input dtype."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up."""
+    return F.silu(gate) * up
