@@ -1,0 +1,340 @@
+"""HYDRA model configuration (`HydraConfig`) and the size presets of the product spec.
+
+The config follows transformers' own (Llama / Mixtral) names wherever the concept exists
+there and prefixes HYDRA-only fields by component (``mod_*``, ``mor_*``, ``moe_*``,
+CCGQA fields). Every field is validated in ``validate_architecture`` with an error that
+names the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+
+KERNEL_BACKENDS = ("auto", "triton", "liger", "torch")
+MOR_SHARING_MODES = ("sequence", "middle_cycle")
+MOR_ROUTING_MODES = ("expert_choice", "token_choice")
+
+# name -> (hidden, unique blocks, recursions, query heads, kv heads, intermediate, vocab)
+# Latent head dim h = hidden / (compression_factor * query heads), compression_factor = 4.
+_PRESETS = {
+    "debug": dict(hidden_size=512, num_unique_blocks=2, mor_recursions=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=2048),
+    "50M": dict(hidden_size=512, num_unique_blocks=8, mor_recursions=3, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=1792),
+    "100M": dict(hidden_size=768, num_unique_blocks=8, mor_recursions=4, num_attention_heads=6,
+                 num_key_value_heads=2, intermediate_size=3328),
+    "250M": dict(hidden_size=1024, num_unique_blocks=10, mor_recursions=4, num_attention_heads=8,
+                 num_key_value_heads=2, intermediate_size=4608),
+    "500M": dict(hidden_size=1280, num_unique_blocks=16, mor_recursions=4, num_attention_heads=8,
+                 num_key_value_heads=2, intermediate_size=5760),
+    "750M": dict(hidden_size=1536, num_unique_blocks=18, mor_recursions=4, num_attention_heads=6,
+                 num_key_value_heads=2, intermediate_size=6784),
+    "1B": dict(hidden_size=1792, num_unique_blocks=20, mor_recursions=4, num_attention_heads=8,
+               num_key_value_heads=2, intermediate_size=7936),
+    "1.5B": dict(hidden_size=2048, num_unique_blocks=22, mor_recursions=4, num_attention_heads=8,
+                 num_key_value_heads=2, intermediate_size=9472),
+}
+PRESET_NAMES = tuple(_PRESETS)
+
+
+@strict(accept_kwargs=True)
+class HydraConfig(PreTrainedConfig):
+    r"""
+    Configuration of a HYDRA decoder-only language model ([`HydraModel`], [`HydraForCausalLM`]).
+
+    HYDRA runs attention in a compressed latent space (CCGQA), lets tokens skip blocks
+    (Mixture-of-Depths), gives each token its own number of passes through weight-shared
+    blocks (Mixture-of-Recursions) and can add Mixture-of-Experts FFN blocks.
+
+    Args:
+        vocab_size (`int`, *optional*, defaults to 50257):
+            Size of the token vocabulary.
+        hidden_size (`int`, *optional*, defaults to 512):
+            Width E of the residual stream.
+        intermediate_size (`int`, *optional*, defaults to 2048):
+            Hidden width of the SwiGLU MLP in every block.
+        num_attention_heads (`int`, *optional*, defaults to 4):
+            Query heads Hq of the latent attention.
+        num_key_value_heads (`int`, *optional*, defaults to 2):
+            Key/value heads Hk (grouped-query attention); must divide `num_attention_heads`.
+        head_dim (`int`, *optional*):
+            Latent head dim h. Derived as `hidden_size / (compression_factor * num_attention_heads)`;
+            if given it must equal that value.
+        compression_factor (`int`, *optional*, defaults to 4):
+            C: queries live in a latent space of width E / C (`Hq * h = E / C`).
+        qk_conv_kernel_size (`int`, *optional*, defaults to 3):
+            Kernel of the causal depthwise sequence convolution on latent q and k (1 disables it).
+        qk_channel_conv_kernel_size (`int`, *optional*, defaults to 1):
+            Kernel (over time, causal) of the per-head grouped channel convolution; 1 = pointwise.
+        use_value_shift (`bool`, *optional*, defaults to `True`):
+            Half of the KV heads (the last `Hk // 2`) take their values from the previous token.
+        use_qk_mean (`bool`, *optional*, defaults to `True`):
+            Add the pre-convolution q-k mean back after the convolutions.
+        partial_rotary_factor (`float`, *optional*, defaults to 0.5):
+            Fraction of each latent head's channels that get RoPE (rounded down to an even count, at least 2).
+        num_unique_blocks (`int`, *optional*, defaults to 2):
+            Number of distinct (weight-owning) blocks.
+        mor_recursions (`int`, *optional*, defaults to 2):
+            How many times each shared block is applied at most.
+        num_hidden_layers (`int`, *optional*):
+            Effective depth = `num_unique_blocks * mor_recursions`. Derived; if given it must match.
+        mor_sharing (`str`, *optional*, defaults to `"sequence"`):
+            `"sequence"`: each block is repeated in place (b0 b0 b1 b1 ...). `"middle_cycle"`: the first and
+            last block are unshared and the middle blocks are cycled as a stack; then the number of unique
+            blocks is `num_unique_blocks` and the effective depth is `2 + (num_unique_blocks - 2) * mor_recursions`.
+        mor_enabled (`bool`, *optional*, defaults to `False`):
+            Route tokens to their own recursion depth (otherwise every token gets full depth).
+        mor_routing (`str`, *optional*, defaults to `"expert_choice"`):
+            `"expert_choice"` (hierarchical top-k per recursion) or `"token_choice"` (depth picked up front).
+        mor_capacity (`float` or `list[float]`, *optional*):
+            Fraction of tokens that continue at each recursion step after the first (expert choice). `None` uses
+            the layer-aware schedule: early blocks keep ~40%, late blocks ~80%.
+        mor_ponder_loss_coef (`float`, *optional*, defaults to 0.001):
+            Weight of the ponder loss (mean expected depth).
+        mor_z_loss_coef (`float`, *optional*, defaults to 0.0):
+            Weight of the MoR router z-loss.
+        mor_balance_loss_coef (`float`, *optional*, defaults to 0.01):
+            Weight of the token-choice balancing loss.
+        mod_enabled (`bool`, *optional*, defaults to `False`):
+            Mixture-of-Depths: routed blocks process only the top-k tokens of each sequence.
+        mod_capacity (`float`, *optional*, defaults to 0.75):
+            Fraction of tokens a routed block processes in training (k = ceil(capacity * T)).
+        mod_every (`int`, *optional*, defaults to 2):
+            Route every n-th effective layer (layers n-1, 2n-1, ...); 1 routes every layer.
+        mod_aux_loss_coef (`float`, *optional*):
+            Weight of the BCE loss that teaches the router the causal inference rule. `None` = auto:
+            `0.01 * (effective_layers / 32) * sqrt(hidden_size / 768)`.
+        mod_use_predictor (`bool`, *optional*, defaults to `False`):
+            Train a small MLP on the detached block input to predict top-k membership and use it at inference.
+        moe_enabled (`bool`, *optional*, defaults to `False`):
+            Insert `moe_num_layers` FFN-only Mixture-of-Experts blocks between blocks.
+        moe_num_layers (`int`, *optional*, defaults to 0):
+            Number of MoE blocks (0 = none even when `moe_enabled`).
+        num_local_experts (`int`, *optional*, defaults to 4):
+            Experts per MoE block.
+        num_experts_per_tok (`int`, *optional*, defaults to 1):
+            Top-k experts per token.
+        moe_intermediate_size (`int`, *optional*):
+            Hidden width of each expert (defaults to `intermediate_size`).
+        moe_router_jitter (`float`, *optional*, defaults to 0.0):
+            Multiplicative jitter noise on router inputs in training (0 = off).
+        router_aux_loss_coef (`float`, *optional*, defaults to 0.01):
+            Weight of the Switch load-balancing loss.
+        moe_z_loss_coef (`float`, *optional*, defaults to 0.001):
+            Weight of the MoE router z-loss.
+        output_router_logits (`bool`, *optional*, defaults to `False`):
+            Return the MoE router logits in the output's `routing` record.
+        static_routing (`bool`, *optional*, defaults to `False`):
+            Compute every token and weight outputs by the router instead of gathering (fixed shapes).
+        kernel_backend (`str`, *optional*, defaults to `"auto"`):
+            `"auto"` | `"triton"` | `"liger"` | `"torch"`: which implementation of the fused ops runs.
+        hidden_act (`str`, *optional*, defaults to `"silu"`):
+            MLP activation (SwiGLU gate).
+        max_position_embeddings (`int`, *optional*, defaults to 2048):
+            Longest sequence the model is meant for.
+        rope_theta (`float`, *optional*, defaults to 10000.0):
+            RoPE base.
+        rms_norm_eps (`float`, *optional*, defaults to 1e-6):
+            RMSNorm epsilon.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Std of the normal init of linear and embedding weights.
+        attention_dropout (`float`, *optional*, defaults to 0.0):
+            Dropout on attention probabilities in training.
+        tie_word_embeddings (`bool`, *optional*, defaults to `True`):
+            Share the input embedding with the LM head.
+        use_cache (`bool`, *optional*, defaults to `True`):
+            Return a `HydraCache` for fast generation.
+
+    Example:
+
+    ```python
+    >>> from hydra_hf import HydraConfig, HydraForCausalLM
+    >>> config = HydraConfig.from_preset("debug", vocab_size=1000)
+    >>> model = HydraForCausalLM(config)
+    ```"""
+
+    model_type = "hydra"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {"num_experts": "num_local_experts"}
+
+    vocab_size: int = 50257
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int | None = None
+    compression_factor: int = 4
+    qk_conv_kernel_size: int = 3
+    qk_channel_conv_kernel_size: int = 1
+    use_value_shift: bool = True
+    use_qk_mean: bool = True
+    partial_rotary_factor: float | int = 0.5
+    num_unique_blocks: int = 2
+    mor_recursions: int = 2
+    num_hidden_layers: int | None = None
+    mor_sharing: str = "sequence"
+    mor_enabled: bool = False
+    mor_routing: str = "expert_choice"
+    mor_capacity: float | int | list | None = None
+    mor_ponder_loss_coef: float | int = 0.001
+    mor_z_loss_coef: float | int = 0.0
+    mor_balance_loss_coef: float | int = 0.01
+    mod_enabled: bool = False
+    mod_capacity: float | int = 0.75
+    mod_every: int = 2
+    mod_aux_loss_coef: float | int | None = None
+    mod_use_predictor: bool = False
+    moe_enabled: bool = False
+    moe_num_layers: int = 0
+    num_local_experts: int = 4
+    num_experts_per_tok: int = 1
+    moe_intermediate_size: int | None = None
+    moe_router_jitter: float | int = 0.0
+    router_aux_loss_coef: float | int = 0.01
+    moe_z_loss_coef: float | int = 0.001
+    output_router_logits: bool = False
+    static_routing: bool = False
+    kernel_backend: str = "auto"
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rope_theta: float | int = 10000.0
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    attention_dropout: float | int = 0.0
+    tie_word_embeddings: bool = True
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        effective = self.effective_layers_for(self.num_unique_blocks, self.mor_recursions, self.mor_sharing)
+        if self.num_hidden_layers is None:
+            self.num_hidden_layers = effective
+        super().__post_init__(**kwargs)
+        self.check_hydra_fields()
+
+    # ------------------------------------------------------------------ derived sizes
+    @staticmethod
+    def effective_layers_for(num_unique_blocks: int, mor_recursions: int, mor_sharing: str) -> int:
+        if mor_sharing == "middle_cycle" and num_unique_blocks > 2:
+            return 2 + (num_unique_blocks - 2) * mor_recursions
+        return num_unique_blocks * mor_recursions
+
+    @property
+    def latent_size(self) -> int:
+        """Width of the latent query space, E / C."""
+        return self.hidden_size // self.compression_factor
+
+    @property
+    def latent_head_dim(self) -> int:
+        return self.latent_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        h = self.latent_head_dim
+        return max(2, int(h * self.partial_rotary_factor) // 2 * 2)
+
+    @property
+    def num_value_shift_heads(self) -> int:
+        return self.num_key_value_heads // 2 if self.use_value_shift else 0
+
+    def kv_cache_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """Latent K and V bytes one token costs in one layer's cache: Hk * h * 2 * dtype_bytes."""
+        return self.num_key_value_heads * self.latent_head_dim * 2 * dtype_bytes
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "HydraConfig":
+        """Build the config of a named size preset (SPEC section 6), with keyword overrides."""
+        if name not in _PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+        kwargs = dict(_PRESETS[name])
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    # ------------------------------------------------------------------ validation
+    def check_hydra_fields(self):
+        """Raise a `ValueError` naming the offending field and what is allowed.
+
+        Runs at construction; call it again after changing fields by hand.
+        """
+
+        def positive_int(field):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{field} must be a positive integer, got {value!r}")
+
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                      "num_key_value_heads", "compression_factor", "qk_conv_kernel_size",
+                      "qk_channel_conv_kernel_size", "num_unique_blocks", "mor_recursions", "mod_every",
+                      "num_local_experts", "num_experts_per_tok", "max_position_embeddings"):
+            positive_int(field)
+        if self.hidden_size % self.compression_factor != 0:
+            raise ValueError(
+                f"compression_factor ({self.compression_factor}) must divide hidden_size ({self.hidden_size})"
+            )
+        if self.latent_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must divide the latent width "
+                f"hidden_size / compression_factor = {self.latent_size}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.head_dim is not None and self.head_dim != self.latent_head_dim:
+            raise ValueError(
+                f"head_dim ({self.head_dim}) must equal hidden_size / (compression_factor * num_attention_heads) "
+                f"= {self.latent_head_dim}; leave it unset to derive it"
+            )
+        if self.latent_head_dim < 2:
+            raise ValueError(f"latent head dim must be >= 2, got {self.latent_head_dim}")
+        if self.qk_conv_kernel_size > 8 or self.qk_channel_conv_kernel_size > 8:
+            raise ValueError("qk_conv_kernel_size and qk_channel_conv_kernel_size must be in [1, 8]")
+        if not 0.0 < self.partial_rotary_factor <= 1.0:
+            raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+        if self.mor_sharing not in MOR_SHARING_MODES:
+            raise ValueError(f"mor_sharing must be one of {MOR_SHARING_MODES}, got {self.mor_sharing!r}")
+        if self.mor_routing not in MOR_ROUTING_MODES:
+            raise ValueError(f"mor_routing must be one of {MOR_ROUTING_MODES}, got {self.mor_routing!r}")
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}")
+        effective = self.effective_layers_for(self.num_unique_blocks, self.mor_recursions, self.mor_sharing)
+        if self.num_hidden_layers != effective:
+            raise ValueError(
+                f"num_hidden_layers ({self.num_hidden_layers}) must equal the effective depth of "
+                f"num_unique_blocks={self.num_unique_blocks} x mor_recursions={self.mor_recursions} "
+                f"({self.mor_sharing}) = {effective}; leave it unset to derive it"
+            )
+        if self.mor_sharing == "middle_cycle" and self.num_unique_blocks < 3:
+            raise ValueError("mor_sharing='middle_cycle' needs num_unique_blocks >= 3 (first, middle, last)")
+        if not 0.0 < self.mod_capacity <= 1.0:
+            raise ValueError(f"mod_capacity must be in (0, 1], got {self.mod_capacity}")
+        capacities = self.mor_capacity if isinstance(self.mor_capacity, list) else [self.mor_capacity]
+        for cap in capacities:
+            if cap is not None and not (isinstance(cap, (int, float)) and 0.0 < cap <= 1.0):
+                raise ValueError(f"mor_capacity values must be in (0, 1], got {self.mor_capacity!r}")
+        if isinstance(self.mor_capacity, list) and len(self.mor_capacity) != self.mor_recursions - 1:
+            raise ValueError(
+                f"mor_capacity as a list needs mor_recursions - 1 = {self.mor_recursions - 1} entries "
+                f"(one per recursion after the first), got {len(self.mor_capacity)}"
+            )
+        if self.moe_num_layers < 0:
+            raise ValueError(f"moe_num_layers must be >= 0, got {self.moe_num_layers}")
+        if self.num_experts_per_tok > self.num_local_experts:
+            raise ValueError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be <= num_local_experts "
+                f"({self.num_local_experts})"
+            )
+        for field in ("mor_ponder_loss_coef", "mor_z_loss_coef", "mor_balance_loss_coef", "router_aux_loss_coef",
+                      "moe_z_loss_coef", "moe_router_jitter", "attention_dropout"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
+        if self.mod_aux_loss_coef is not None and self.mod_aux_loss_coef < 0:
+            raise ValueError(f"mod_aux_loss_coef must be >= 0 or None (auto), got {self.mod_aux_loss_coef}")
+
+
+__all__ = ["HydraConfig", "PRESET_NAMES"]
