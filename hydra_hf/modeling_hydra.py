@@ -63,9 +63,12 @@ class HydraRotaryEmbedding(nn.Module):
 
     def __init__(self, config: HydraConfig):
         super().__init__()
-        dim = config.rotary_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dim = config.rotary_dim
+        self.base = config.rope_theta
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self, device=None) -> torch.Tensor:
+        return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float, device=device) / self.dim))
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -427,15 +430,20 @@ class HydraPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
         elif isinstance(module, HydraAttention):
             # Convs start as the identity (last tap = 1) plus a little noise; temperature 1.
+            # (init.copy_ skips parameters that were loaded from a checkpoint.)
             for seq_w in (module.q_seq_conv, module.k_seq_conv):
-                init.normal_(seq_w, mean=0.0, std=std)
-                seq_w[:, -1] += 1.0
+                value = torch.randn_like(seq_w) * std
+                value[:, -1] += 1.0
+                init.copy_(seq_w, value)
             for chan_w in (module.q_chan_conv, module.k_chan_conv):
-                init.normal_(chan_w, mean=0.0, std=std)
                 C, h, _ = chan_w.shape
-                eye = torch.eye(h, device=chan_w.device, dtype=chan_w.dtype).repeat(C // h, 1)  # (C, h)
-                chan_w[:, :, -1] += eye
+                value = torch.randn_like(chan_w) * std
+                value[:, :, -1] += torch.eye(h, device=chan_w.device, dtype=chan_w.dtype).repeat(C // h, 1)  # (C, h)
+                init.copy_(chan_w, value)
             init.ones_(module.key_temperature)
+        elif isinstance(module, HydraRotaryEmbedding):
+            # Non-persistent buffer: rebuilt here because from_pretrained materialises modules from meta.
+            init.copy_(module.inv_freq, module.compute_inv_freq(module.inv_freq.device))
         elif isinstance(module, HydraModel):
             if module.recursion_embedding is not None:
                 init.zeros_(module.recursion_embedding)

@@ -1,0 +1,39 @@
+"""Packaging for hydra_hf (pip install -e .[dev])."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="hydra_hf",
+    version="0.1.0",
+    description="HYDRA (CCGQA latent attention + Mixture-of-Depths/Recursions/Experts) for Hugging Face transformers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["hydra_hf", "hydra_hf.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        # The Cache API (cache_utils.Cache with layer objects) and the dataclass configs are 5.x.
+        "transformers>=5.20,<6",
+        "accelerate>=1.0",
+        "peft>=0.15",
+        "datasets>=3.0",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "evaluate>=0.4",
+        "triton>=3.0",
+        "liger-kernel>=0.5",
+        "bitsandbytes>=0.45",
+        "pyyaml>=6.0",
+        "matplotlib>=3.7",
+        "tensorboard>=2.15",
+        "tqdm>=4.0",
+    ],
+    extras_require={"dev": ["pytest>=8.0"]},
+    entry_points={
+        "console_scripts": [
+            "hydra-train=hydra_hf.cli.train:main",
+            "hydra-generate=hydra_hf.cli.generate:main",
+            "hydra-report=hydra_hf.cli.report:main",
+        ]
+    },
+)
