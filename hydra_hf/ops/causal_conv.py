@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_lang import fsum
 from ._triton_utils import dot_precision, interpret_requested, is_interpreted_kernel, next_pow2
 from .reference import causal_conv_state_len
 
@@ -48,7 +49,7 @@ def _mid_tile(
     KS: tl.constexpr, P: tl.constexpr, HAS_STATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Sequence-conv output at x-times ``offs_t + shift``: (BLOCK_T, BLOCK_H) fp32."""
-    mid = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+    mid = tl.full((BLOCK_T, BLOCK_H), 0.0, tl.float32)
     for i in tl.static_range(KS):
         w_i = tl.load(ws_ptr + ch * KS + i, mask=mask_c, other=0.0).to(tl.float32)  # (BLOCK_H,)
         src_t = offs_t + shift + i - (KS - 1)
@@ -82,7 +83,7 @@ def _causal_conv_fwd_kernel(
     ch = g * HEAD_DIM + offs_h  # (BLOCK_H,) global channels of this head
     offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
     wmask = mask_c[:, None] & mask_c[None, :]
-    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+    acc = tl.full((BLOCK_T, BLOCK_H), 0.0, tl.float32)
     for j in tl.static_range(KC):
         mid = _mid_tile(x_ptr, state_ptr, ws_ptr, b, offs_t, j - (KC - 1), ch, mask_c, T, C,
                         KS, P, HAS_STATE, BLOCK_T, BLOCK_H)  # (BLOCK_T, BLOCK_H[d])
@@ -130,9 +131,9 @@ def _causal_conv_bwd_kernel(
     wmask = mask_c[:, None] & mask_c[None, :]
     offs_k = tl.arange(0, KS_PAD)
 
-    gws_acc = tl.zeros((BLOCK_H, KS_PAD), dtype=tl.float32)  # [c, i]
-    gwc_acc0 = tl.zeros((BLOCK_H, BLOCK_H), dtype=tl.float32)  # [c, d] for j = 0
-    gwc_acc1 = tl.zeros((BLOCK_H, BLOCK_H), dtype=tl.float32)  # [c, d] for j = 1 (KC == 2)
+    gws_acc = tl.full((BLOCK_H, KS_PAD), 0.0, tl.float32)  # [c, i]
+    gwc_acc0 = tl.full((BLOCK_H, BLOCK_H), 0.0, tl.float32)  # [c, d] for j = 0
+    gwc_acc1 = tl.full((BLOCK_H, BLOCK_H), 0.0, tl.float32)  # [c, d] for j = 1 (KC == 2)
 
     start = P_START + chunk * POS_PER_PROG
     for it in range(0, POS_PER_PROG, BLOCK_T):
@@ -155,9 +156,9 @@ def _causal_conv_bwd_kernel(
         # grad of the pre-conv input: gxp(p) = sum_i ws[i] * gmid(p + KS-1-i),
         # gmid(u)[d] = sum_j sum_c gout(u + KC-1-j)[c] * wc[c, d, j]
         xp = _load_xp(x_ptr, state_ptr, b, offs_p, ch, mask_c, T, C, P, HAS_STATE)  # (BLOCK_T, BLOCK_H)
-        gxp = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+        gxp = tl.full((BLOCK_T, BLOCK_H), 0.0, tl.float32)
         for i in tl.static_range(KS):
-            gmid = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+            gmid = tl.full((BLOCK_T, BLOCK_H), 0.0, tl.float32)
             for j in tl.static_range(KC):
                 src_t = offs_p + (KS - 1 - i) + (KC - 1 - j)
                 m = (src_t >= 0) & (src_t < T)
@@ -169,7 +170,7 @@ def _causal_conv_bwd_kernel(
             gmid = tl.where(valid_p[:, None], gmid, 0.0)
             w_i = tl.load(ws_ptr + ch * KS + i, mask=mask_c, other=0.0).to(tl.float32)
             gxp += gmid * w_i[None, :]
-            gws_i = tl.sum(gmid * xp, axis=0)  # (BLOCK_H,)
+            gws_i = fsum(gmid * xp, 0)  # (BLOCK_H,)
             gws_acc += tl.where(offs_k[None, :] == i, gws_i[:, None], 0.0)
 
         tl.store(gx_ptr + g_off, gxp.to(gx_ptr.dtype.element_ty), mask=in_t[:, None] & mask_c[None, :])

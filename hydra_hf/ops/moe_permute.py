@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_lang import fsum
 from ._triton_utils import interpret_requested, is_interpreted_kernel, next_pow2
 
 
@@ -53,7 +54,7 @@ def _permute_bwd_kernel(
     for e0 in range(0, E, BLOCK_E):
         offs = e0 + tl.arange(0, BLOCK_E)
         m = offs < E
-        acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+        acc = tl.full((BLOCK_E,), 0.0, tl.float32)
         for j in range(TOPK):
             row = tl.load(inv_ptr + n.to(tl.int64) * TOPK + j).to(tl.int64)
             acc += tl.load(gperm_ptr + row * E + offs, mask=m, other=0.0).to(tl.float32)
@@ -74,7 +75,7 @@ def _unpermute_fwd_kernel(
     for e0 in range(0, E, BLOCK_E):
         offs = e0 + tl.arange(0, BLOCK_E)
         m = offs < E
-        acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+        acc = tl.full((BLOCK_E,), 0.0, tl.float32)
         for j in range(TOPK):
             p = n.to(tl.int64) * TOPK + j
             row = tl.load(inv_ptr + p).to(tl.int64)
@@ -99,7 +100,7 @@ def _unpermute_bwd_kernel(
     n = p // TOPK
     row = tl.load(inv_ptr + p).to(tl.int64)
     w = tl.load(w_ptr + p).to(tl.float32)
-    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    acc = tl.full((BLOCK_E,), 0.0, tl.float32)
     for e0 in range(0, E, BLOCK_E):
         offs = e0 + tl.arange(0, BLOCK_E)
         m = offs < E
@@ -108,7 +109,7 @@ def _unpermute_bwd_kernel(
         if W_GRAD:
             acc += go * tl.load(eo_ptr + row * E + offs, mask=m, other=0.0).to(tl.float32)
     if W_GRAD:
-        tl.store(gw_ptr + p, tl.sum(acc, axis=0))
+        tl.store(gw_ptr + p, fsum(acc, 0))
 
 
 INTERPRETED = is_interpreted_kernel(_permute_fwd_kernel)

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_lang import fsum
 from ._triton_utils import is_interpreted_kernel, next_pow2
 
 
@@ -54,7 +55,7 @@ def _norm_rope_fwd_block(
     if HAS_MEAN:
         xf += tl.load(m_ptr + off, mask=mask, other=0.0).to(tl.float32)
         xp += tl.load(m_ptr + poff, mask=mask, other=0.0).to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) + eps)  # (BLOCK_H,)
+    inv = 1.0 / tl.sqrt(fsum(xf * xf, 1) + eps)  # (BLOCK_H,)
     s = inv * scale
     if HAS_TEMP:
         s = s * tl.load(temp_ptr + offs_hh, mask=offs_hh < NH, other=0.0).to(tl.float32)
@@ -81,8 +82,8 @@ def _norm_rope_bwd_block(
     sn_p = tl.load(sin_ptr + cs_off + partner, mask=is_rot, other=0.0).to(tl.float32)
     # transposed rotation: dn[e] = g[e] cos[e] - sign[e] sin[p(e)] g[p(e)]
     dn = g * c[None, :] - (sign * sn_p)[None, :] * gp
-    inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) + eps)  # (BLOCK_H,)
-    dot = tl.sum(dn * xf, axis=1)  # (BLOCK_H,)
+    inv = 1.0 / tl.sqrt(fsum(xf * xf, 1) + eps)  # (BLOCK_H,)
+    dot = fsum(dn * xf, 1)  # (BLOCK_H,)
     s = inv * scale
     if HAS_TEMP:
         hmask = offs_hh < NH

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_lang import fsum
 from ._triton_utils import interpret_requested, is_interpreted_kernel, next_pow2
 
 
@@ -128,7 +129,7 @@ def _scatter_bwd_kernel(
     src = gout_ptr + (b.to(tl.int64) * T + i) * E
     upd = upd_ptr + row.to(tl.int64) * E
     gupd = gupd_ptr + row.to(tl.int64) * E
-    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    acc = tl.full((BLOCK_E,), 0.0, tl.float32)
     for e0 in range(0, E, BLOCK_E):
         offs = e0 + tl.arange(0, BLOCK_E)
         m = offs < E
@@ -138,7 +139,7 @@ def _scatter_bwd_kernel(
             u = tl.load(upd + offs, mask=m, other=0.0).to(tl.float32)
             acc += go * u
     if GATE_GRAD:
-        tl.store(ggate_ptr + row, tl.sum(acc, axis=0))
+        tl.store(ggate_ptr + row, fsum(acc, 0))
 
 
 INTERPRETED = is_interpreted_kernel(_gather_fwd_kernel)
