@@ -1,0 +1,38 @@
+"""Training HYDRA with the stock `transformers.Trainer`: callbacks, schedules, optimisers and data.
+
+```python
+from hydra_hf.training import (RoutingCurriculumCallback, RoutingMetricsCallback, HealthCallback,
+                               SampleGenerationCallback, BestCheckpointCallback, add_callbacks,
+                               build_optimizer, build_scheduler)
+```
+"""
+
+from .callbacks import (
+    BestCheckpointCallback,
+    HealthCallback,
+    LossProbe,
+    RoutingCurriculumCallback,
+    RoutingMetricsCallback,
+    SampleGenerationCallback,
+    add_callbacks,
+    flatten_numbers,
+)
+from .optim import OPTIMIZERS, SCHEDULES, Lion, MultiOptimizer, build_optimizer, build_scheduler, param_groups
+
+__all__ = [
+    "BestCheckpointCallback",
+    "HealthCallback",
+    "LossProbe",
+    "RoutingCurriculumCallback",
+    "RoutingMetricsCallback",
+    "SampleGenerationCallback",
+    "add_callbacks",
+    "flatten_numbers",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "Lion",
+    "MultiOptimizer",
+    "build_optimizer",
+    "build_scheduler",
+    "param_groups",
+]
