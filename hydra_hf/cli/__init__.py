@@ -1,0 +1,1 @@
+"""Console scripts: `hydra-train` (`train`), `hydra-generate` (`generate`), `hydra-report` (`report`)."""

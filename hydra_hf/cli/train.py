@@ -1,0 +1,405 @@
+"""`hydra-train`: train a HYDRA model with the stock `transformers.Trainer` and the hydra_hf callbacks.
+
+With no arguments it trains a small model (~2M parameters, byte-level BPE of 2048 tokens, 128-token blocks)
+on the embedded default corpus - the running Python's own standard library - in about ten minutes on two
+CPU cores, and writes a model that `AutoModelForCausalLM` / `AutoTokenizer` load (after `import hydra_hf`).
+
+Configuration, lowest to highest priority: built-in defaults (`DEFAULTS`), `--config run.yaml` (same
+sections), `--preset`, the dedicated flags, then `--set section.key=value` (repeatable; a bare key is looked
+up in the model config, then TrainingArguments, then the other sections).
+
+Sections: `model` (`preset` + any `HydraConfig` field), `tokenizer` (`name`: HF path/name, "bpe" or "char";
+`vocab_size`), `data` (`DataConfig`: `sources`, `block_size`, `eval_fraction`, ... or `mixture: file.yaml`),
+`training` (any `TrainingArguments` field), `optimizer` (`name`, `schedule`, `weight_decay`, `betas`,
+`warmup_steps`, `decay_fraction`, `min_lr_ratio`, `router_lr_scale`, `expert_lr_scale`), `curriculum`
+(`RoutingCurriculumCallback` arguments; `enabled: false` to switch it off), `health` (`HealthCallback`),
+`samples` (`prompts`, `every_steps`, `max_new_tokens`), `gpu` (`liger`, `compile`).
+
+Output directory: `checkpoint-*/` (resumable with `--resume`), the final model (`model.safetensors`,
+`config.json`, tokenizer files), `run_config.yaml`, `log_history.jsonl`, `trainer_state.json`,
+`samples.jsonl`, `final_metrics.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+DEFAULTS = {
+    "model": {
+        "preset": "debug",
+        "hidden_size": 256,
+        "intermediate_size": 768,
+        "num_unique_blocks": 2,
+        "mor_recursions": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "mod_enabled": True,
+        "mor_enabled": True,
+        "max_position_embeddings": 512,
+    },
+    "tokenizer": {"name": "bpe", "vocab_size": 2048},
+    "data": {"sources": [], "block_size": 128, "eval_fraction": 0.01, "seed": 0},
+    "training": {
+        "max_steps": 500,
+        "per_device_train_batch_size": 16,
+        "per_device_eval_batch_size": 32,
+        "learning_rate": 3e-3,
+        "max_grad_norm": 1.0,
+        "logging_steps": 10,
+        "eval_strategy": "steps",
+        "eval_steps": 100,
+        "save_strategy": "steps",
+        "save_steps": 100,
+        "save_total_limit": 2,
+        "metric_for_best_model": "eval_loss",
+        "greater_is_better": False,
+        "report_to": "none",
+        "seed": 0,
+        "dataloader_num_workers": 0,
+        "include_num_input_tokens_seen": "no",
+    },
+    "optimizer": {
+        "name": "adamw",
+        "schedule": "wsd",
+        "weight_decay": 0.1,
+        "betas": [0.9, 0.95],
+        "warmup_steps": 30,
+        "decay_fraction": 0.3,
+        "min_lr_ratio": 0.05,
+        "router_lr_scale": 1.0,
+        "expert_lr_scale": 1.0,
+    },
+    "curriculum": {"enabled": True},
+    "health": {"enabled": True, "frozen_check_steps": 20, "frozen_action": "warn"},
+    "samples": {"prompts": ["def ", "class Parser:\n    def "], "every_steps": 0, "max_new_tokens": 80,
+                "temperature": 0.7},
+    "gpu": {"liger": False, "compile": False},
+}
+SECTIONS = tuple(DEFAULTS)
+
+logger = logging.getLogger("hydra_hf.cli.train")
+
+
+def deep_update(base: dict, other: dict, where: str = "") -> dict:
+    for key, value in (other or {}).items():
+        if where == "" and key not in SECTIONS:
+            raise ValueError(f"unknown config section {key!r}; allowed: {', '.join(SECTIONS)}")
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "moe_forced_map":
+            deep_update(base[key], value, where + key + ".")
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def _parse_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_set(cfg: dict, assignment: str) -> None:
+    """Apply one `--set key=value` (value parsed as YAML)."""
+    from transformers import TrainingArguments
+
+    from ..configuration_hydra import HydraConfig
+
+    if "=" not in assignment:
+        raise ValueError(f"--set expects key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    key, value = key.strip(), _parse_value(raw.strip())
+    if "." in key:
+        section, field = key.split(".", 1)
+        if section not in SECTIONS:
+            raise ValueError(f"--set {key}: unknown section {section!r}; allowed: {', '.join(SECTIONS)}")
+        cfg[section][field] = value
+        return
+    if key in HydraConfig.__dataclass_fields__ or key == "preset":
+        cfg["model"][key] = value
+    elif key in TrainingArguments.__dataclass_fields__:
+        cfg["training"][key] = value
+    else:
+        for section in ("data", "tokenizer", "optimizer", "curriculum", "health", "samples", "gpu"):
+            if key in cfg[section]:
+                cfg[section][key] = value
+                return
+        raise ValueError(
+            f"--set {key}: not a HydraConfig or TrainingArguments field nor a known key of "
+            f"{', '.join(SECTIONS)}; use section.key=value"
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hydra-train",
+        description="Train a HYDRA language model with the stock Hugging Face Trainer. With no arguments: a "
+        "small model on the Python standard library's own source, ~10 minutes on 2 CPU cores.",
+    )
+    p.add_argument("--config", help="YAML run config (sections: " + ", ".join(SECTIONS) + ")")
+    p.add_argument("--preset", help="model size preset (debug, 50M, 100M, 250M, 500M, 750M, 1B, 1.5B); "
+                   "replaces the default small model's shape")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. --set hidden_size=128 --set training.max_steps=50")
+    p.add_argument("--data", nargs="+", help="text/jsonl/parquet files, globs, folders or hub dataset names")
+    p.add_argument("--mixture", help="YAML file with a weighted mixture of sources (see hydra_hf.training.data)")
+    p.add_argument("--streaming", action="store_true", help="stream --data hub datasets")
+    p.add_argument("--tokenizer", help="HF tokenizer path/name, 'bpe' (train one) or 'char'")
+    p.add_argument("--vocab_size", type=int, help="vocabulary of a trained BPE tokenizer")
+    p.add_argument("--block_size", type=int, help="tokens per packed training block")
+    p.add_argument("--max_steps", type=int)
+    p.add_argument("--batch_size", type=int, help="per-device train batch size")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--optimizer", help="adamw, adamw8bit, adafactor, lion, muon")
+    p.add_argument("--schedule", help="wsd, cosine, linear, constant")
+    p.add_argument("--output_dir", default="hydra-run", help="checkpoints, final model and logs (default hydra-run)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="resume from the last checkpoint in --output_dir, or from the given checkpoint folder")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (TrainingArguments.torch_compile)")
+    p.add_argument("--liger", action="store_true", help="Liger kernels (kernel_backend='liger'; CUDA only)")
+    p.add_argument("--report_to", help="tensorboard, wandb, none, ...")
+    p.add_argument("--no_curriculum", action="store_true", help="keep routing as configured (no curriculum)")
+    return p
+
+
+def resolve_config(args) -> dict:
+    import yaml
+
+    cfg = copy.deepcopy(DEFAULTS)
+    if args.config:
+        with open(args.config, encoding="utf-8") as f:
+            deep_update(cfg, yaml.safe_load(f) or {})
+    if args.preset:
+        shape_keys = ("hidden_size", "intermediate_size", "num_unique_blocks", "mor_recursions",
+                      "num_attention_heads", "num_key_value_heads")
+        for key in shape_keys:
+            if key in DEFAULTS["model"] and cfg["model"].get(key) == DEFAULTS["model"][key]:
+                cfg["model"].pop(key)
+        cfg["model"]["preset"] = args.preset
+        if cfg["model"].get("max_position_embeddings") == DEFAULTS["model"]["max_position_embeddings"]:
+            cfg["model"].pop("max_position_embeddings")
+    if args.data:
+        cfg["data"]["sources"] = [{"path": d} if os.path.exists(d) or any(c in d for c in "*?") else
+                                  {"name": d, "streaming": args.streaming} for d in args.data]
+    if args.mixture:
+        cfg["data"]["mixture"] = args.mixture
+    flag_map = {
+        "tokenizer": ("tokenizer", "name"), "vocab_size": ("tokenizer", "vocab_size"),
+        "block_size": ("data", "block_size"), "max_steps": ("training", "max_steps"),
+        "batch_size": ("training", "per_device_train_batch_size"), "lr": ("training", "learning_rate"),
+        "optimizer": ("optimizer", "name"), "schedule": ("optimizer", "schedule"),
+        "report_to": ("training", "report_to"),
+    }
+    for flag, (section, key) in flag_map.items():
+        value = getattr(args, flag)
+        if value is not None:
+            cfg[section][key] = value
+    if args.bf16:
+        cfg["training"]["bf16"] = True
+    if args.gradient_checkpointing:
+        cfg["training"]["gradient_checkpointing"] = True
+    if args.compile:
+        cfg["gpu"]["compile"] = True
+    if args.liger:
+        cfg["gpu"]["liger"] = True
+    if args.no_curriculum:
+        cfg["curriculum"]["enabled"] = False
+    for assignment in args.sets:
+        apply_set(cfg, assignment)
+    return cfg
+
+
+def build_model_config(cfg: dict, tokenizer):
+    from ..configuration_hydra import HydraConfig
+
+    model_cfg = dict(cfg["model"])
+    preset = model_cfg.pop("preset", "debug")
+    model_cfg["vocab_size"] = len(tokenizer)
+    model_cfg.setdefault("bos_token_id", tokenizer.bos_token_id)
+    model_cfg.setdefault("eos_token_id", tokenizer.eos_token_id)
+    model_cfg.setdefault("pad_token_id", tokenizer.pad_token_id)
+    block = cfg["data"]["block_size"]
+    if model_cfg.get("max_position_embeddings", 2048) < block:
+        raise ValueError(f"model.max_position_embeddings ({model_cfg['max_position_embeddings']}) must be >= "
+                         f"data.block_size ({block})")
+    if cfg["gpu"].get("liger"):
+        import torch
+
+        if torch.cuda.is_available():
+            model_cfg["kernel_backend"] = "liger"
+        else:
+            logger.warning("--liger ignored: Liger kernels need CUDA")
+    return HydraConfig.from_preset(preset, **model_cfg)
+
+
+def make_training_args(cfg: dict, output_dir: str):
+    import torch
+    from transformers import TrainingArguments
+
+    targs = dict(cfg["training"])
+    targs["output_dir"] = output_dir
+    # HydraForCausalLM.forward also takes `domain_labels`, which the Trainer would otherwise treat as a label
+    # (and then skip the eval loss of batches without it)
+    targs.setdefault("label_names", ["labels"])
+    if cfg["gpu"].get("compile"):
+        targs["torch_compile"] = True
+    if targs.get("bf16") and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        logger.warning("bf16 requested without a bf16-capable GPU; running bf16 autocast on CPU")
+        targs["use_cpu"] = targs.get("use_cpu", not torch.cuda.is_available())
+    if targs.get("eval_strategy", "no") == "no":
+        targs.pop("metric_for_best_model", None)
+    allowed = TrainingArguments.__dataclass_fields__
+    unknown = sorted(set(targs) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown TrainingArguments field(s) {unknown} in the 'training' section")
+    if "dataloader_num_workers" in targs and targs["dataloader_num_workers"] == 0:
+        targs.pop("dataloader_persistent_workers", None)
+    return TrainingArguments(**targs)
+
+
+def build_callbacks(cfg: dict, tokenizer):
+    from ..training import (BestCheckpointCallback, HealthCallback, RoutingCurriculumCallback,
+                            RoutingMetricsCallback, SampleGenerationCallback)
+
+    callbacks = [RoutingMetricsCallback(), BestCheckpointCallback()]
+    cur = dict(cfg["curriculum"])
+    if cur.pop("enabled", True):
+        callbacks.insert(0, RoutingCurriculumCallback(**cur))
+    health = dict(cfg["health"])
+    if health.pop("enabled", True):
+        callbacks.append(HealthCallback(**health))
+    samples = dict(cfg["samples"])
+    if samples.get("prompts"):
+        callbacks.append(SampleGenerationCallback(tokenizer=tokenizer, **samples))
+    return callbacks
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    for noisy in ("httpx", "datasets", "filelock", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return train(args)
+
+
+def train(args) -> int:
+    import yaml
+    from transformers import AutoTokenizer, Trainer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .. import HydraForCausalLM
+    from ..training import add_callbacks, build_optimizer, build_scheduler
+    from ..training.data import DataConfig, PackedCollator, build_datasets, load_mixture_yaml, load_or_train_tokenizer
+
+    t_start = time.time()
+    output_dir = args.output_dir
+    os.makedirs(output_dir, exist_ok=True)
+    resume = None
+    if args.resume:
+        resume = get_last_checkpoint(output_dir) if args.resume == "auto" else args.resume
+        if resume is None or not os.path.isdir(resume):
+            raise SystemExit(f"hydra-train: --resume: no checkpoint found ({args.resume!r} in {output_dir!r})")
+    saved_cfg = os.path.join(output_dir, "run_config.yaml")
+    if resume and os.path.isfile(saved_cfg) and not args.config:
+        with open(saved_cfg, encoding="utf-8") as f:
+            cfg = deep_update(copy.deepcopy(DEFAULTS), yaml.safe_load(f))
+        for assignment in args.sets:
+            apply_set(cfg, assignment)
+    else:
+        cfg = resolve_config(args)
+
+    data_cfg_dict = dict(cfg["data"])
+    mixture = data_cfg_dict.pop("mixture", None)
+    data_config = load_mixture_yaml(mixture) if mixture else DataConfig(**data_cfg_dict)
+    if mixture:
+        data_config.block_size = data_cfg_dict.get("block_size", data_config.block_size)
+
+    tok_dir = os.path.join(output_dir, "tokenizer")
+    if resume and os.path.isdir(tok_dir):
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    else:
+        t0 = time.time()
+        tokenizer = load_or_train_tokenizer(cfg["tokenizer"].get("name"), data_config,
+                                            vocab_size=int(cfg["tokenizer"].get("vocab_size", 4096)), save_dir=tok_dir)
+        logger.info(f"tokenizer ready ({len(tokenizer)} tokens) in {time.time() - t0:.1f}s")
+    with open(saved_cfg, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+
+    t0 = time.time()
+    train_ds, eval_ds = build_datasets(data_config, tokenizer)
+    logger.info(f"data ready in {time.time() - t0:.1f}s: train {getattr(train_ds, 'num_rows', '?')} blocks, "
+                f"eval {getattr(eval_ds, 'num_rows', '?') if eval_ds is not None else 0} blocks of "
+                f"{data_config.block_size} tokens")
+
+    config = build_model_config(cfg, tokenizer)
+    training_args = make_training_args(cfg, output_dir)
+    if eval_ds is None and training_args.eval_strategy != "no":
+        training_args.eval_strategy = "no"
+    import torch
+
+    torch.manual_seed(training_args.seed)
+    model = HydraForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(f"HYDRA model: {n_params / 1e6:.2f}M parameters, hidden {config.hidden_size}, "
+                f"{config.num_unique_blocks} blocks x {config.mor_recursions} recursions, vocab {config.vocab_size}")
+
+    max_steps = training_args.max_steps
+    if max_steps <= 0:
+        per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * max(
+            1, training_args.world_size)
+        max_steps = math.ceil(len(train_ds) / per_step) * int(training_args.num_train_epochs)
+    opt_cfg = dict(cfg["optimizer"])
+    # the model goes to its device first so fused AdamW sees CUDA parameters (the Trainer keeps it there)
+    model.to(training_args.device)
+    optimizer = build_optimizer(
+        model, opt_cfg.get("name", "adamw"), lr=training_args.learning_rate,
+        weight_decay=opt_cfg.get("weight_decay", 0.1), betas=tuple(opt_cfg.get("betas", (0.9, 0.95))),
+        router_lr_scale=opt_cfg.get("router_lr_scale", 1.0), expert_lr_scale=opt_cfg.get("expert_lr_scale", 1.0),
+    )
+    scheduler = build_scheduler(optimizer, opt_cfg.get("schedule", "wsd"), max_steps,
+                                int(opt_cfg.get("warmup_steps", 0)), float(opt_cfg.get("decay_fraction", 0.2)),
+                                float(opt_cfg.get("min_lr_ratio", 0.0)))
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=PackedCollator(),
+        processing_class=tokenizer,
+        optimizers=(optimizer, scheduler),
+    )
+    add_callbacks(trainer, build_callbacks(cfg, tokenizer))
+
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = dict(result.metrics)
+    if eval_ds is not None:
+        metrics.update(trainer.evaluate())
+    trainer.save_model(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    trainer.save_state()
+    with open(os.path.join(output_dir, "log_history.jsonl"), "w", encoding="utf-8") as f:
+        for entry in trainer.state.log_history:
+            f.write(json.dumps(entry) + "\n")
+    metrics["wall_clock_s"] = time.time() - t_start
+    metrics["num_parameters"] = n_params
+    metrics["best_metric"] = trainer.state.best_metric
+    metrics["best_model_checkpoint"] = trainer.state.best_model_checkpoint
+    if trainer.is_world_process_zero():
+        with open(os.path.join(output_dir, "final_metrics.json"), "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=2)
+        print(f"\nhydra-train: done in {metrics['wall_clock_s']:.0f}s; final eval loss "
+              f"{metrics.get('eval_loss', float('nan')):.4f}; model saved to {output_dir}")
+        print(f"  try: hydra-generate {output_dir} --prompt 'def '   |   hydra-report {output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
