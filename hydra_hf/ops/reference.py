@@ -30,18 +30,30 @@ def causal_conv_ref(
 
     Token t sees only tokens <= t. With ``state=None`` the past is zeros (a sequence start).
     The two convs have no bias, so zero history gives zero intermediate values, which is the
-    same as zero-padding each conv on its own.
+    same as zero-padding each conv on its own. Equal to
+    ``conv1d(conv1d(cat(state, x), seq_weight, groups=C), chan_weight, groups=H)`` (tested).
     """
     B, T, C = x.shape
     Ks = seq_weight.shape[-1]
     Kc = chan_weight.shape[-1]
+    H, h = num_heads, C // num_heads
     P = causal_conv_state_len(Ks, Kc)
     if state is None:
         state = x.new_zeros(B, P, C)
-    xp = torch.cat([state.to(x.dtype), x], dim=1).transpose(1, 2)  # (B, C, P + T)
-    mid = F.conv1d(xp, seq_weight.unsqueeze(1), groups=C)  # (B, C, T + Kc - 1)
-    out = F.conv1d(mid, chan_weight, groups=num_heads)  # (B, C, T)
-    return out.transpose(1, 2)  # (B, T, C)
+    xp = torch.cat([state.to(x.dtype), x], dim=1)  # (B, P + T, C)
+    # Depthwise "valid" conv over time as a sum of shifted products (much faster than a
+    # depthwise conv1d on CPU): mid[t] = sum_j w[:, j] * xp[t + j].
+    L1 = T + Kc - 1
+    mid = xp[:, 0:L1] * seq_weight[:, 0]
+    for j in range(1, Ks):
+        mid = mid + xp[:, j : j + L1] * seq_weight[:, j]  # (B, L1, C)
+    # Per-head channel mixing over Kc taps: out[t, head] = sum_j W[head, :, :, j] @ mid[t + j, head].
+    w2 = chan_weight.view(H, h, h, Kc)  # (H, h_out, h_in, Kc), conv1d's grouped layout
+    mid = mid.view(B, L1, H, h)
+    out = torch.einsum("bthi,hoi->btho", mid[:, 0:T], w2[..., 0])
+    for j in range(1, Kc):
+        out = out + torch.einsum("bthi,hoi->btho", mid[:, j : j + T], w2[..., j])
+    return out.reshape(B, T, C)  # (B, T, C)
 
 
 def qk_mean_ref(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
