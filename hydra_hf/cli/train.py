@@ -321,25 +321,27 @@ def train(args) -> int:
     if mixture:
         data_config.block_size = data_cfg_dict.get("block_size", data_config.block_size)
 
+    training_args = make_training_args(cfg, output_dir)
     tok_dir = os.path.join(output_dir, "tokenizer")
-    if resume and os.path.isdir(tok_dir):
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    else:
+    # under `accelerate launch` / torchrun the main process builds the tokenizer and data first
+    with training_args.main_process_first(desc="tokenizer and data"):
+        if os.path.isdir(tok_dir) and (resume or not training_args.process_index == 0):
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        else:
+            t0 = time.time()
+            tokenizer = load_or_train_tokenizer(cfg["tokenizer"].get("name"), data_config,
+                                                vocab_size=int(cfg["tokenizer"].get("vocab_size", 4096)),
+                                                save_dir=tok_dir)
+            logger.info(f"tokenizer ready ({len(tokenizer)} tokens) in {time.time() - t0:.1f}s")
+            with open(saved_cfg, "w", encoding="utf-8") as f:
+                yaml.safe_dump(cfg, f, sort_keys=False)
         t0 = time.time()
-        tokenizer = load_or_train_tokenizer(cfg["tokenizer"].get("name"), data_config,
-                                            vocab_size=int(cfg["tokenizer"].get("vocab_size", 4096)), save_dir=tok_dir)
-        logger.info(f"tokenizer ready ({len(tokenizer)} tokens) in {time.time() - t0:.1f}s")
-    with open(saved_cfg, "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
-
-    t0 = time.time()
-    train_ds, eval_ds = build_datasets(data_config, tokenizer)
+        train_ds, eval_ds = build_datasets(data_config, tokenizer)
     logger.info(f"data ready in {time.time() - t0:.1f}s: train {getattr(train_ds, 'num_rows', '?')} blocks, "
                 f"eval {getattr(eval_ds, 'num_rows', '?') if eval_ds is not None else 0} blocks of "
                 f"{data_config.block_size} tokens")
 
     config = build_model_config(cfg, tokenizer)
-    training_args = make_training_args(cfg, output_dir)
     if eval_ds is None and training_args.eval_strategy != "no":
         training_args.eval_strategy = "no"
     import torch
@@ -390,6 +392,7 @@ def train(args) -> int:
             f.write(json.dumps(entry) + "\n")
     metrics["wall_clock_s"] = time.time() - t_start
     metrics["num_parameters"] = n_params
+    metrics["world_size"] = training_args.world_size
     metrics["best_metric"] = trainer.state.best_metric
     metrics["best_model_checkpoint"] = trainer.state.best_model_checkpoint
     if trainer.is_world_process_zero():
