@@ -1,0 +1,126 @@
+"""CLI end to end: hydra-train on a tiny config, load with Auto classes, hydra-generate, resume, hydra-report,
+and a two-process `accelerate launch` run on CPU (gloo)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import hydra_hf  # noqa: F401
+from hydra_hf.cli import generate as gen_cli
+from hydra_hf.cli import report as report_cli
+from hydra_hf.cli import train as train_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--tokenizer", "char", "--block_size", "16", "--batch_size", "4",
+        "--set", "hidden_size=32", "--set", "intermediate_size=64", "--set", "max_position_embeddings=64",
+        "--set", "training.eval_steps=3", "--set", "training.save_steps=3", "--set", "training.logging_steps=1",
+        "--set", "training.disable_tqdm=true", "--set", "optimizer.warmup_steps=1",
+        "--set", "samples.max_new_tokens=8", "--set", "health.frozen_check_steps=2",
+        "--set", "curriculum.mod_loss_gate=100"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    text = "".join(f"def add_{i}(a, b):\n    return a + b * {i}\n\n" for i in range(300))
+    (d / "code.txt").write_text(text)
+    return d / "code.txt"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("run") / "out"
+    rc = train_cli.main(["--output_dir", str(out), "--data", str(corpus), "--max_steps", "6", *TINY])
+    assert rc == 0
+    return out
+
+
+def test_train_outputs_loadable_model(trained):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "log_history.jsonl", "trainer_state.json",
+                 "run_config.yaml", "final_metrics.json", "samples.jsonl"):
+        assert (trained / name).is_file(), name
+    assert (trained / "checkpoint-6").is_dir()
+    model = AutoModelForCausalLM.from_pretrained(str(trained))
+    tok = AutoTokenizer.from_pretrained(str(trained))
+    assert type(model).__name__ == "HydraForCausalLM" and model.config.hidden_size == 32
+    assert model.config.vocab_size == len(tok)
+    ids = tok("def ", return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 4
+    history = [json.loads(line) for line in open(trained / "log_history.jsonl")]
+    assert any("eval_loss" in e for e in history)
+    assert any("routing/mod_fraction/mean" in e for e in history)
+    metrics = json.loads((trained / "final_metrics.json").read_text())
+    assert metrics["num_parameters"] > 0 and metrics["eval_loss"] > 0
+
+
+def test_generate_cli_streams(trained, capsys):
+    assert gen_cli.main([str(trained), "--prompt", "def ", "--max_new_tokens", "5", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    assert gen_cli.main([str(trained / "nope")]) == 2
+
+
+def test_resume_continues_from_checkpoint(trained):
+    rc = train_cli.main(["--output_dir", str(trained), "--resume", "--max_steps", "9",
+                         "--set", "training.max_steps=9"])
+    assert rc == 0
+    state = json.loads((trained / "trainer_state.json").read_text())
+    assert state["global_step"] == 9
+    assert "RoutingCurriculumCallback" in state["stateful_callbacks"]
+
+
+def test_report_renders_with_plots(trained):
+    path = report_cli.build_report(str(trained))
+    text = open(path).read()
+    for heading in ("## Key metrics", "## Loss at milestones", "## Mixture-of-Depths",
+                    "| Layer | Avg depth | Depth histogram |", "## Mixture-of-Experts balance"):
+        assert heading in text, heading
+    for png in ("loss.png", "lr.png", "grad_norm.png", "mod_fraction.png", "mor_depth.png"):
+        p = trained / "report" / png
+        assert p.is_file() and p.read_bytes()[:4] == b"\x89PNG", png
+    assert report_cli.main([str(trained.parent / "missing")]) == 2
+
+
+def test_report_moe_table(tmp_path):
+    history = [{"step": 1, "loss": 3.0, "learning_rate": 1e-3, "grad_norm": 1.0,
+                "routing/moe_utilisation/block_0": 0.75, "routing/moe_entropy/block_0": 1.2,
+                "routing/moe_tokens/block_0/expert_0": 30.0, "routing/moe_tokens/block_0/expert_1": 10.0},
+               {"step": 2, "eval_loss": 2.9}]
+    (tmp_path / "log_history.jsonl").write_text("\n".join(json.dumps(h) for h in history))
+    text = open(report_cli.build_report(str(tmp_path))).read()
+    assert "| 0 | 0.75 | 1.200 | e0: 75%, e1: 25% |" in text
+    assert (tmp_path / "report" / "moe_utilisation.png").is_file()
+
+
+def test_set_errors_name_the_field():
+    cfg = train_cli.resolve_config(train_cli.build_parser().parse_args([]))
+    with pytest.raises(ValueError, match="no_such_field"):
+        train_cli.apply_set(cfg, "no_such_field=1")
+    with pytest.raises(ValueError, match="unknown section"):
+        train_cli.apply_set(cfg, "modle.hidden_size=3")
+    train_cli.apply_set(cfg, "hidden_size=48")
+    train_cli.apply_set(cfg, "learning_rate=0.01")
+    assert cfg["model"]["hidden_size"] == 48 and cfg["training"]["learning_rate"] == 0.01
+
+
+def test_accelerate_two_process_cpu(tmp_path, corpus):
+    # `accelerate launch --cpu` starts ONE process (multi-CPU needs mpirun); the torchrun-based launcher
+    # (`--multi_gpu`) with ACCELERATE_USE_CPU=1 starts two CPU processes that train with DDP over gloo.
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), ACCELERATE_USE_CPU="1",
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hydra_hf.cli.train",
+           "--output_dir", str(out), "--data", str(corpus), "--max_steps", "4", *TINY, "--set", "samples.prompts=[]"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((out / "final_metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert AutoModelForCausalLM.from_pretrained(str(out)).config.hidden_size == 32
