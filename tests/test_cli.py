@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hydra_hf  # noqa: F401
@@ -66,8 +65,7 @@ def test_generate_cli_streams(trained, capsys):
 
 
 def test_resume_continues_from_checkpoint(trained):
-    rc = train_cli.main(["--output_dir", str(trained), "--resume", "--max_steps", "9",
-                         "--set", "training.max_steps=9"])
+    rc = train_cli.main(["--output_dir", str(trained), "--resume", "--max_steps", "9"])
     assert rc == 0
     state = json.loads((trained / "trainer_state.json").read_text())
     assert state["global_step"] == 9

@@ -1,7 +1,6 @@
 """Training through the stock `transformers.Trainer`: curriculum, resume, best checkpoint, health, optimisers."""
 
 import math
-import os
 
 import pytest
 import torch

@@ -169,10 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_config(args) -> dict:
+def resolve_config(args, base: dict | None = None) -> dict:
+    """Defaults (or `base`, e.g. a resumed run's saved config) + --config + --preset + flags + --set."""
     import yaml
 
     cfg = copy.deepcopy(DEFAULTS)
+    if base:
+        deep_update(cfg, base)
     if args.config:
         with open(args.config, encoding="utf-8") as f:
             deep_update(cfg, yaml.safe_load(f) or {})
@@ -309,9 +312,7 @@ def train(args) -> int:
     saved_cfg = os.path.join(output_dir, "run_config.yaml")
     if resume and os.path.isfile(saved_cfg) and not args.config:
         with open(saved_cfg, encoding="utf-8") as f:
-            cfg = deep_update(copy.deepcopy(DEFAULTS), yaml.safe_load(f))
-        for assignment in args.sets:
-            apply_set(cfg, assignment)
+            cfg = resolve_config(args, base=yaml.safe_load(f))
     else:
         cfg = resolve_config(args)
 

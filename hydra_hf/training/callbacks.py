@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import time
-from collections import deque
 
 import torch
 from transformers import TrainerCallback
@@ -95,7 +94,9 @@ def unwrap(model):
 
 
 def _stored_state(state, name: str):
-    data = (state.stateful_callbacks or {}).get(name)
+    if state.stateful_callbacks is None:
+        state.stateful_callbacks = {}
+    data = state.stateful_callbacks.get(name)
     if isinstance(data, list):
         data = data[0] if data else None
     return data
@@ -267,6 +268,7 @@ class RoutingCurriculumCallback(TrainerCallback, ExportableState):
     # ---- events
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         stored = _stored_state(state, type(self).__name__)
+        state.stateful_callbacks.setdefault(type(self).__name__, self.state())
         if state.global_step > 0 and stored:
             attrs = stored.get("attributes", {})
             self.ce_ema = attrs.get("ce_ema")
@@ -525,6 +527,7 @@ class HealthCallback(TrainerCallback, ExportableState):
     # ---- events
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         stored = _stored_state(state, type(self).__name__)
+        state.stateful_callbacks.setdefault(type(self).__name__, self.state())
         if state.global_step > 0 and stored:
             for key, value in stored.get("attributes", {}).items():
                 setattr(self, key, value)
