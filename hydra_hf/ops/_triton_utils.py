@@ -28,26 +28,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def check_same_device(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
-    """Raise a ValueError naming both arguments when two tensors live on different devices."""
-    if a.device != b.device:
-        raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}; both must be on one device")
-
-
 def is_interpreted_kernel(kernel) -> bool:
     """True when a ``@triton.jit`` object was built for the CPU interpreter (decided at decoration time)."""
     return type(kernel).__name__ == "InterpretedFunction"
 
-
-def can_run_triton(*tensors: torch.Tensor, interpreted: bool) -> bool:
-    """Whether our Triton kernels can run on these tensors right now.
-
-    CUDA tensors: yes unless the kernels were built for the interpreter. CPU tensors: only when
-    ``TRITON_INTERPRET`` is set at call time *and* the kernels were built interpreted (Triton
-    reads the variable when a kernel module is first imported).
-    """
-    if all(t.is_cuda for t in tensors):
-        return not interpreted or interpret_requested()
-    if all(t.device.type == "cpu" for t in tensors):
-        return interpreted and interpret_requested()
-    return False
