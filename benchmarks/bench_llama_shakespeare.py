@@ -54,14 +54,16 @@ class WallClockEval(TrainerCallback):
     def __init__(self):
         self.points = []
         self.t0 = None
-        self.eval_time = 0.0
+        self.eval_time = 0.0  # seconds spent in finished evaluations
+        self.eval_start = None  # start of the evaluation in progress
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.t0 = time.perf_counter()
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        # training time only: subtract the time spent in evaluations so far (measured around evaluate())
-        self.points.append((state.global_step, time.perf_counter() - self.t0 - self.eval_time, metrics["eval_loss"]))
+        # training time only: time to the start of this evaluation minus the earlier evaluations
+        now = self.eval_start if self.eval_start is not None else time.perf_counter()
+        self.points.append((state.global_step, now - self.t0 - self.eval_time, metrics["eval_loss"]))
 
 
 def hydra_config(vocab: int, block: int) -> HydraConfig:
@@ -79,10 +81,12 @@ def train_one(name, model, train_ds, val_ds, args_kw, out_dir):
 
     def timed_evaluate(*a, **k):
         t = time.perf_counter()
+        cb.eval_start = t
         try:
             return original_evaluate(*a, **k)
         finally:
             cb.eval_time += time.perf_counter() - t
+            cb.eval_start = None
 
     trainer.evaluate = timed_evaluate
     t = time.perf_counter()
@@ -130,7 +134,8 @@ def main(argv=None):
                   learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.1,
                   adam_beta1=0.9, adam_beta2=0.99, max_grad_norm=1.0, eval_strategy="steps",
                   eval_steps=args.eval_every, logging_steps=args.eval_every, save_strategy="no", report_to="none",
-                  seed=0, dataloader_num_workers=0, disable_tqdm=True, use_cpu=True)
+                  seed=0, dataloader_num_workers=0, disable_tqdm=True, use_cpu=True,
+                  label_names=["labels"])
     results = []
     if args.only in (None, "llama"):
         torch.manual_seed(0)
@@ -138,10 +143,12 @@ def main(argv=None):
                                              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                                              max_position_embeddings=block, tie_word_embeddings=True))
         results.append(train_one("llama", llama, train_ds, val_ds, common, args.out))
+        print(f"llama: val loss {results[-1]['val_loss']:.4f}, {results[-1]['train_seconds']:.1f} s", flush=True)
     if args.only in (None, "hydra"):
         torch.manual_seed(0)
         hydra = HydraForCausalLM(hydra_config(len(chars), block))
         results.append(train_one("hydra", hydra, train_ds, val_ds, common, args.out))
+        print(f"hydra: val loss {results[-1]['val_loss']:.4f}, {results[-1]['train_seconds']:.1f} s", flush=True)
 
     print(f"\nTiny Shakespeare char level, {args.steps} steps, block {block}, batch {batch}, "
           f"{os.cpu_count()} CPU threads")
