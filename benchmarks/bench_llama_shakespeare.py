@@ -63,6 +63,8 @@ class WallClockEval(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         # training time only: time to the start of this evaluation minus the earlier evaluations
         now = self.eval_start if self.eval_start is not None else time.perf_counter()
+        if self.points and self.points[-1][0] == state.global_step:
+            return  # the final evaluate() after training repeats the last step's evaluation
         self.points.append((state.global_step, now - self.t0 - self.eval_time, metrics["eval_loss"]))
 
 

@@ -1,6 +1,6 @@
 """`hydra-train`: train a HYDRA model with the stock `transformers.Trainer` and the hydra_hf callbacks.
 
-With no arguments it trains a small model (~2M parameters, byte-level BPE of 2048 tokens, 128-token blocks)
+With no arguments it trains a small model (~1.8M parameters, BPE of 2048 tokens, 1000 steps of 16 x 128 tokens)
 on the embedded default corpus - the running Python's own standard library - in about ten minutes on two
 CPU cores, and writes a model that `AutoModelForCausalLM` / `AutoTokenizer` load (after `import hydra_hf`).
 
@@ -47,16 +47,16 @@ DEFAULTS = {
     "tokenizer": {"name": "bpe", "vocab_size": 2048},
     "data": {"sources": [], "block_size": 128, "eval_fraction": 0.01, "seed": 0},
     "training": {
-        "max_steps": 500,
+        "max_steps": 1000,
         "per_device_train_batch_size": 16,
         "per_device_eval_batch_size": 32,
         "learning_rate": 3e-3,
         "max_grad_norm": 1.0,
         "logging_steps": 10,
         "eval_strategy": "steps",
-        "eval_steps": 100,
+        "eval_steps": 200,
         "save_strategy": "steps",
-        "save_steps": 100,
+        "save_steps": 200,
         "save_total_limit": 2,
         "metric_for_best_model": "eval_loss",
         "greater_is_better": False,
@@ -70,7 +70,7 @@ DEFAULTS = {
         "schedule": "wsd",
         "weight_decay": 0.1,
         "betas": [0.9, 0.95],
-        "warmup_steps": 30,
+        "warmup_steps": 50,
         "decay_fraction": 0.3,
         "min_lr_ratio": 0.05,
         "router_lr_scale": 1.0,
