@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hydra_hf  # noqa: F401
@@ -122,3 +123,16 @@ def test_accelerate_two_process_cpu(tmp_path, corpus):
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     assert AutoModelForCausalLM.from_pretrained(str(out)).config.hidden_size == 32
+
+
+def test_gpu_path_flags_run_on_cpu(tmp_path, corpus):
+    """--bf16 (autocast) and --gradient_checkpointing are TrainingArguments switches; they also run on CPU."""
+    out = tmp_path / "flags"
+    rc = train_cli.main(["--output_dir", str(out), "--data", str(corpus), "--max_steps", "2", *TINY,
+                         "--bf16", "--gradient_checkpointing", "--liger", "--set", "samples.prompts=[]",
+                         "--set", "training.eval_strategy=no", "--set", "training.save_strategy=no"])
+    assert rc == 0
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    args = torch.load(out / "training_args.bin", weights_only=False)
+    assert args.bf16 and (getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing)

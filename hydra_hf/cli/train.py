@@ -101,7 +101,12 @@ def deep_update(base: dict, other: dict, where: str = "") -> dict:
 def _parse_value(text: str):
     import yaml
 
-    return yaml.safe_load(text) if text != "" else ""
+    if text == "":
+        return ""
+    value = yaml.safe_load(text)
+    if isinstance(value, bool) and text.lower() not in ("true", "false"):
+        return text  # YAML 1.1 reads "no"/"yes"/"on"/"off" as booleans; "eval_strategy=no" means the string
+    return value
 
 
 def apply_set(cfg: dict, assignment: str) -> None:
@@ -207,7 +212,12 @@ def resolve_config(args, base: dict | None = None) -> dict:
     if args.bf16:
         cfg["training"]["bf16"] = True
     if args.gradient_checkpointing:
-        cfg["training"]["gradient_checkpointing"] = True
+        from transformers import TrainingArguments
+
+        # transformers 5.x renamed the switch (the old name still works, with a FutureWarning)
+        name = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+                else "gradient_checkpointing")
+        cfg["training"][name] = True
     if args.compile:
         cfg["gpu"]["compile"] = True
     if args.liger:
