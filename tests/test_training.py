@@ -300,3 +300,22 @@ def test_param_groups_no_decay_and_lr_scales():
         build_optimizer(model, "adamw8bit")
     with pytest.raises(ValueError, match="optimizer must be one of"):
         build_optimizer(model, "sgd")
+
+
+def test_moe_dense_warmup_and_forced_routing_with_domain_labels(tmp_path):
+    model = make_model(moe_enabled=True, moe_num_layers=1, num_local_experts=2)
+    ds = make_dataset(32)
+    ds = ds.add_column("domain_labels", [i % 2 for i in range(len(ds))])
+    args = make_args(tmp_path / "moe", max_steps=5, save_strategy="no")
+    opt = build_optimizer(model, "adamw", lr=1e-3)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=PackedCollator(),
+                      optimizers=(opt, build_scheduler(opt, "constant", 5)))
+    rec = Recorder()
+    cur = RoutingCurriculumCallback(moe_dense_steps=2, moe_forced_steps=3, moe_forced_map={0: 0, 1: 1})
+    add_callbacks(trainer, [cur, rec, RoutingMetricsCallback()])
+    trainer.train()
+    assert [rec.settings[s]["moe_dense"] for s in range(5)] == [True, True, False, False, False]
+    assert [rec.settings[s]["moe_forced"] for s in range(5)] == [{0: 0, 1: 1}] * 3 + [None] * 2
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert "routing/moe_utilisation/block_0" in logged[-1]
+    assert "routing/moe_tokens/block_0/expert_1" in logged[-1]
