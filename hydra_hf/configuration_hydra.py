@@ -129,6 +129,12 @@ class HydraConfig(PreTrainedConfig):
             Compute every token and weight outputs by the router instead of gathering (fixed shapes).
         kernel_backend (`str`, *optional*, defaults to `"auto"`):
             `"auto"` | `"triton"` | `"liger"` | `"torch"`: which implementation of the fused ops runs.
+        fused_linear_cross_entropy (`bool`, *optional*):
+            Training loss without materialising the `(tokens, vocab)` logits: when `forward` gets `labels` in
+            training mode, the lm_head projection and the cross-entropy run as one fused op (Liger's chunked
+            kernel on CUDA) and the output's `logits` is `None`. `None` (default) = on exactly when that op is
+            really fused (CUDA tensors, Liger installed, `kernel_backend` other than `"torch"`); `True` = always
+            through the fused-op entry point (on CPU it runs the reference, same loss); `False` = never.
         hidden_act (`str`, *optional*, defaults to `"silu"`):
             MLP activation (SwiGLU gate).
         max_position_embeddings (`int`, *optional*, defaults to 2048):
@@ -196,6 +202,7 @@ class HydraConfig(PreTrainedConfig):
     output_router_logits: bool = False
     static_routing: bool = False
     kernel_backend: str = "auto"
+    fused_linear_cross_entropy: bool | None = None
     hidden_act: str = "silu"
     max_position_embeddings: int = 2048
     rope_theta: float | int = 10000.0
@@ -302,6 +309,10 @@ class HydraConfig(PreTrainedConfig):
             raise ValueError(f"mor_routing must be one of {MOR_ROUTING_MODES}, got {self.mor_routing!r}")
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}")
+        if not (self.fused_linear_cross_entropy is None or isinstance(self.fused_linear_cross_entropy, bool)):
+            raise ValueError(
+                f"fused_linear_cross_entropy must be None (auto), True or False, got {self.fused_linear_cross_entropy!r}"
+            )
         effective = self.effective_layers_for(self.num_unique_blocks, self.mor_recursions, self.mor_sharing)
         if self.num_hidden_layers != effective:
             raise ValueError(

@@ -375,7 +375,8 @@ class HydraCausalLMOutputWithPast(ModelOutput):
         aux_loss (`torch.FloatTensor`, *optional*):
             Sum of every enabled routing component's weighted auxiliary loss (already inside `loss`).
         logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
-            Next-token logits.
+            Next-token logits. `None` for a training forward with labels that used the fused linear
+            cross-entropy (`config.fused_linear_cross_entropy`), which never materialises them.
         past_key_values (`HydraCache`, *optional*):
             The cache to continue generation from.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
@@ -668,6 +669,40 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
         record = record if record is not None else getattr(self.model, "last_routing", None)
         return {} if record is None else record.summary()
 
+    # ------------------------------------------------------------------ loss
+    def _use_fused_linear_cross_entropy(self, hidden_states: torch.Tensor) -> bool:
+        """Fused lm_head + CE only for training losses; `None` in the config = only where it is really fused."""
+        setting = self.config.fused_linear_cross_entropy
+        if not self.training or setting is False:
+            return False
+        if setting is True:
+            return True
+        return ops.linear_cross_entropy_is_fused(self.config.kernel_backend, hidden_states, self.lm_head.weight)
+
+    def _fused_causal_lm_loss(
+        self,
+        hidden_states: torch.Tensor,  # (B, T, E)
+        labels: torch.LongTensor,  # (B, T)
+        num_items_in_batch: torch.Tensor | int | None = None,
+        ignore_index: int = -100,
+        shift_labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Next-token CE exactly as transformers' `ForCausalLMLoss` (shift, ignore -100, mean or sum / items)."""
+        if shift_labels is None:
+            shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # (B, T)
+        hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # (B*T, E)
+        targets = shift_labels.reshape(-1).to(hidden.device)  # (B*T,)
+        reduction = "mean" if num_items_in_batch is None else "sum"
+        loss = ops.fused_linear_cross_entropy(
+            hidden, self.lm_head.weight, targets, ignore_index, self.config.kernel_backend, reduction
+        )
+        if num_items_in_batch is not None:
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(loss.device)
+            loss = loss / num_items_in_batch
+        return loss
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -711,18 +746,22 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             domain_labels=domain_labels,
         )
-        hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
-
+        hidden_states = outputs.last_hidden_state  # (B, T, E)
         record = outputs.routing
         self.model.last_routing = record
         aux_loss = record.total_loss()
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            if aux_loss is not None:
-                loss = loss + aux_loss.to(loss.device)
+
+        logits, loss = None, None
+        if labels is not None and self._use_fused_linear_cross_entropy(hidden_states):
+            # lm_head + cross-entropy in one op: the (B*T, V) logits never exist (Liger on CUDA)
+            loss = self._fused_causal_lm_loss(hidden_states, labels, **kwargs)
+        else:
+            slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, slice_indices, :])  # (B, T', V)
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if loss is not None and aux_loss is not None:
+            loss = loss + aux_loss.to(loss.device)
 
         output = HydraCausalLMOutputWithPast(
             loss=loss,

@@ -174,17 +174,23 @@ def swiglu(gate, up, backend="torch"):
     return reference.swiglu_ref(gate, up)
 
 
-def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, backend="torch"):
-    """Mean cross-entropy of ``hidden (N, E) @ weight (V, E).T`` against ``labels (N,)``, ignoring ``ignore_index``.
+def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, backend="torch", reduction="mean"):
+    """Cross-entropy of ``hidden (N, E) @ weight (V, E).T`` against ``labels (N,)``, ignoring ``ignore_index``.
 
-    Liger's fused kernel on CUDA (the (N, V) logits are never materialised); the reference
+    ``reduction`` is ``"mean"`` (over the non-ignored labels) or ``"sum"``. Liger's fused kernel
+    on CUDA (the (N, V) logits are never materialised); the reference
     ``cross_entropy.linear_cross_entropy_ref`` elsewhere. Returns an fp32 scalar.
     """
     from . import cross_entropy
 
     if _liger_ok(backend, hidden, weight, labels):
-        return cross_entropy.linear_cross_entropy_liger(hidden, weight, labels, ignore_index)
-    return cross_entropy.linear_cross_entropy_ref(hidden, weight, labels, ignore_index)
+        return cross_entropy.linear_cross_entropy_liger(hidden, weight, labels, ignore_index, reduction)
+    return cross_entropy.linear_cross_entropy_ref(hidden, weight, labels, ignore_index, reduction)
+
+
+def linear_cross_entropy_is_fused(backend, *tensors) -> bool:
+    """Whether ``fused_linear_cross_entropy`` on these tensors runs the chunked kernel (no full logits)."""
+    return _liger_ok(backend, *tensors)
 
 
 class _OpsPackage(types.ModuleType):
@@ -213,4 +219,5 @@ __all__ = [
     "rms_norm",
     "swiglu",
     "fused_linear_cross_entropy",
+    "linear_cross_entropy_is_fused",
 ]

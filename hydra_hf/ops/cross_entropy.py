@@ -12,7 +12,12 @@ import torch
 import torch.nn.functional as F
 
 
-def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> None:
+REDUCTIONS = ("mean", "sum")
+
+
+def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be (N, E), got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
@@ -26,15 +31,16 @@ def linear_cross_entropy_ref(
     weight: torch.Tensor,  # (V, E)
     labels: torch.Tensor,  # (N,) int64
     ignore_index: int = -100,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean cross-entropy of ``hidden @ weight.T`` over the non-ignored labels (fp32 scalar).
+    """Cross-entropy of ``hidden @ weight.T`` over the non-ignored labels (fp32 scalar; mean or sum).
 
     The logits are upcast to fp32 before the softmax (as Hugging Face causal LMs do and as Liger
     computes internally). With every label ignored the mean is 0/0 = nan, like ``F.cross_entropy``.
     """
-    _check_inputs(hidden, weight, labels)
+    _check_inputs(hidden, weight, labels, reduction)
     logits = hidden @ weight.T  # (N, V)
-    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
+    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction=reduction)
 
 
 def linear_cross_entropy_liger(
@@ -42,12 +48,13 @@ def linear_cross_entropy_liger(
     weight: torch.Tensor,  # (V, E)
     labels: torch.Tensor,  # (N,) int64
     ignore_index: int = -100,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Liger's fused linear cross-entropy (CUDA only), mean over the non-ignored labels."""
+    """Liger's fused linear cross-entropy (CUDA only), mean or sum over the non-ignored labels."""
     from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
-    _check_inputs(hidden, weight, labels)
+    _check_inputs(hidden, weight, labels, reduction)
     out = LigerFusedLinearCrossEntropyFunction.apply(
-        hidden.contiguous(), weight.contiguous(), labels.contiguous(), None, None, ignore_index
+        hidden.contiguous(), weight.contiguous(), labels.contiguous(), None, None, ignore_index, 0.0, 0.0, reduction
     )
     return out[0] if isinstance(out, tuple) else out
