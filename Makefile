@@ -11,10 +11,18 @@ $(VENV)/.installed: setup.py
 
 install: $(VENV)/.installed
 
+# The main job: hydra-train with no arguments trains a small HYDRA on the embedded default corpus
+# (this Python's standard library source; ~7 min on 2 CPU cores), then writes the report and a sample.
+RUN ?= hydra-run
 demo: $(VENV)/.installed
+	$(VENV)/bin/hydra-train --output_dir $(RUN)
+	$(VENV)/bin/hydra-report $(RUN)
+	$(VENV)/bin/hydra-generate $(RUN) --prompt 'def read_config(path):' --max_new_tokens 60 --temperature 0
+
+quickstart: $(VENV)/.installed
 	$(PY) examples/quickstart.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest tests -q
 
-.PHONY: install demo test
+.PHONY: install demo quickstart test
