@@ -1,10 +1,55 @@
-"""Shared fixtures: tiny HYDRA configs that run in milliseconds on CPU."""
+"""Shared fixtures: tiny HYDRA configs that run in milliseconds on CPU, the Triton-interpreter
+setup of the kernel tests, and the relative-error metric every numerical test uses."""
+
+import importlib
+import os
 
 import pytest
 import torch
 
 import hydra_hf  # noqa: F401  (registers the Auto classes)
 from hydra_hf import HydraConfig, HydraForCausalLM
+
+# ---------------------------------------------------------------- Triton kernels under test
+# Without CUDA the kernels run on CPU in the Triton interpreter. Triton decides interpreted vs
+# compiled when a kernel is *defined*, so every kernel module is imported here, once, with
+# TRITON_INTERPRET=1 set; the variable is then restored so that the other tests take the fast
+# reference path, and the `triton_interpreter` fixture sets it again around each kernel test
+# (the dispatcher only takes a Triton path on CPU while it is set).
+INTERPRET = not torch.cuda.is_available()
+DEVICE = "cpu" if INTERPRET else "cuda"
+CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 / Liger kernels need a CUDA GPU")
+KERNEL_MODULES = ("causal_conv", "qk_norm_rope", "rms_norm", "routing_gather", "moe_permute", "cross_entropy")
+
+
+def _import_kernel_modules() -> None:
+    previous = os.environ.get("TRITON_INTERPRET")
+    if INTERPRET:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        for name in KERNEL_MODULES:
+            importlib.import_module(f"hydra_hf.ops.{name}")
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+_import_kernel_modules()
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """Run one test with the Triton path enabled on CPU (use via `pytestmark`)."""
+    if INTERPRET:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error ||a - b|| / ||b|| in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
 def tiny_config(**overrides) -> HydraConfig:

@@ -1,47 +1,22 @@
 """Triton causal conv vs ``causal_conv_ref``: output and every gradient.
 
-Without CUDA the kernels run on CPU in the Triton interpreter: ``TRITON_INTERPRET=1`` is set
-below before any kernel module is imported (Triton picks interpreted vs compiled when a kernel
-is defined), then restored, and set again around each test by an autouse fixture so other test
+Without CUDA the kernels run on CPU in the Triton interpreter: ``TRITON_INTERPRET=1`` is set while
+the kernel modules are imported and around each test (see ``conftest.py``), so other test
 modules are not affected. With CUDA the fp32 cases run compiled on the GPU and the bf16 cases
 run too.
 """
 
-import os
+import importlib
 
+import pytest
 import torch
 
-_INTERPRET = not torch.cuda.is_available()
-_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
-if _INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of a kernel module
+from hydra_hf import ops
+from hydra_hf.ops.causal_conv import causal_conv_next_state, causal_conv_triton
+from hydra_hf.ops.reference import causal_conv_ref
+from conftest import CUDA_ONLY, DEVICE, INTERPRET, rel
 
-import pytest  # noqa: E402
-
-import importlib  # noqa: E402
-
-from hydra_hf import ops  # noqa: E402
-from hydra_hf.ops.causal_conv import causal_conv_next_state, causal_conv_triton  # noqa: E402
-from hydra_hf.ops.reference import causal_conv_ref  # noqa: E402
-
-if _PREV_INTERPRET is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
-
-DEVICE = "cpu" if _INTERPRET else "cuda"
-CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 Triton kernels need a CUDA GPU")
-
-
-@pytest.fixture(autouse=True)
-def _triton_interpreter(monkeypatch):
-    if _INTERPRET:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def _inputs(B, T, H, h, Ks, Kc, with_state, dtype=torch.float32, seed=0):
@@ -124,7 +99,7 @@ def test_dispatcher_runs_triton_and_falls_back(monkeypatch):
     assert calls == [1]
     ops.causal_conv(x, ws, wc, 2, st, backend="torch")
     assert calls == [1]
-    if _INTERPRET:
+    if INTERPRET:
         ops.causal_conv(x, ws, wc, 2, st, backend="auto")  # CPU tensors: auto means the reference
         assert calls == [1]
         monkeypatch.delenv("TRITON_INTERPRET")  # CPU without the interpreter: reference, whatever the backend

@@ -6,30 +6,13 @@ interplay with autograd in the real model: logits, loss and every parameter grad
 cached greedy decode (the conv ``state`` path). Without CUDA it runs in the Triton interpreter.
 """
 
-import os
-
+import pytest
 import torch
 
-_INTERPRET = not torch.cuda.is_available()
-_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
-if _INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of a kernel module
+from hydra_hf import HydraConfig, HydraForCausalLM, ops
+from conftest import DEVICE, rel
 
-import importlib  # noqa: E402
-
-import pytest  # noqa: E402
-
-from hydra_hf import HydraConfig, HydraForCausalLM  # noqa: E402
-
-for _name in ("causal_conv", "qk_norm_rope", "routing_gather", "moe_permute", "rms_norm"):
-    importlib.import_module(f"hydra_hf.ops.{_name}")  # define the kernels while the variable is set
-
-if _PREV_INTERPRET is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
-
-DEVICE = "cpu" if _INTERPRET else "cuda"
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 CONFIG = dict(
     vocab_size=97,
@@ -48,17 +31,6 @@ CONFIG = dict(
     num_local_experts=3,
     num_experts_per_tok=2,
 )
-
-
-@pytest.fixture(autouse=True)
-def _triton_interpreter(monkeypatch):
-    if _INTERPRET:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
 def _model(backend: str) -> HydraForCausalLM:
@@ -80,6 +52,9 @@ def test_triton_backend_matches_torch_backend_training_step():
         out.loss.backward()
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
         results[backend] = (out.logits.detach(), out.loss.detach(), grads)
+    # the dispatcher really takes the Triton path for these tensors (not the reference fallback)
+    for module in ("causal_conv", "qk_norm_rope", "routing_gather", "moe_permute", "rms_norm"):
+        assert ops._triton_module("triton", module, ids.float()) is not None, module
     (lt, losst, gt), (lr, lossr, gr) = results["triton"], results["torch"]
     assert rel(lt, lr) < 1e-5
     assert rel(losst, lossr) < 1e-5

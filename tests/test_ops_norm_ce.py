@@ -1,46 +1,22 @@
 """RMSNorm / SwiGLU / fused linear cross-entropy through the dispatcher, and the backend rules.
 
-Our Triton RMSNorm runs on CPU in the Triton interpreter (``TRITON_INTERPRET=1`` is set below
-before any kernel module is imported, then restored, and set again around each test). Liger's
+Our Triton RMSNorm runs on CPU in the Triton interpreter (``TRITON_INTERPRET=1`` while the kernel modules are imported and around each test: see
+``conftest.py``). Liger's
 kernels (RMSNorm, SwiGLU, fused linear cross-entropy) need CUDA: those variants are the only
 skipped tests on a CPU machine.
 """
 
-import os
-
+import pytest
 import torch
+import torch.nn.functional as F
 
-_INTERPRET = not torch.cuda.is_available()
-_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
-if _INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of a kernel module
+from hydra_hf import ops
+from hydra_hf.ops import reference as R
+from hydra_hf.ops.cross_entropy import linear_cross_entropy_ref
+from hydra_hf.ops.rms_norm import rms_norm_triton
+from conftest import CUDA_ONLY, DEVICE, rel
 
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from hydra_hf import ops  # noqa: E402
-from hydra_hf.ops import reference as R  # noqa: E402
-from hydra_hf.ops.cross_entropy import linear_cross_entropy_ref  # noqa: E402
-from hydra_hf.ops.rms_norm import rms_norm_triton  # noqa: E402
-
-if _PREV_INTERPRET is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
-
-DEVICE = "cpu" if _INTERPRET else "cuda"
-CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger / bf16 Triton kernels need a CUDA GPU")
-
-
-@pytest.fixture(autouse=True)
-def _triton_interpreter(monkeypatch):
-    if _INTERPRET:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def _leaf(*shape, gen, dtype=torch.float32, scale=1.0):

@@ -1,45 +1,21 @@
 """Triton q/k mean add-back + L2 norm + partial RoPE vs ``qk_norm_rope_ref``: outputs and every gradient.
 
-Without CUDA the kernels run on CPU in the Triton interpreter (``TRITON_INTERPRET=1`` is set
-below before any kernel module is imported, then restored, and set again around each test).
+Without CUDA the kernels run on CPU in the Triton interpreter (``TRITON_INTERPRET=1`` while the kernel modules are imported and around each test: see
+``conftest.py``).
 With CUDA the fp32 cases run compiled on the GPU and the bf16 cases run too.
 """
 
-import os
+import importlib
 
+import pytest
 import torch
 
-_INTERPRET = not torch.cuda.is_available()
-_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
-if _INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of a kernel module
+from hydra_hf import ops
+from hydra_hf.ops.qk_norm_rope import qk_norm_rope_triton
+from hydra_hf.ops.reference import qk_mean_ref, qk_norm_rope_ref
+from conftest import CUDA_ONLY, DEVICE, INTERPRET, rel
 
-import importlib  # noqa: E402
-
-import pytest  # noqa: E402
-
-from hydra_hf import ops  # noqa: E402
-from hydra_hf.ops.qk_norm_rope import qk_norm_rope_triton  # noqa: E402
-from hydra_hf.ops.reference import qk_mean_ref, qk_norm_rope_ref  # noqa: E402
-
-if _PREV_INTERPRET is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
-
-DEVICE = "cpu" if _INTERPRET else "cuda"
-CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 Triton kernels need a CUDA GPU")
-
-
-@pytest.fixture(autouse=True)
-def _triton_interpreter(monkeypatch):
-    if _INTERPRET:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def _rope(cos_batch, T, r, gen):
@@ -120,7 +96,7 @@ def test_dispatcher_qk_ops(monkeypatch):
     assert calls == [1]
     ops.qk_norm_rope(q, k, qm, km, temp, cos, sin, backend="torch")
     assert calls == [1]
-    if _INTERPRET:
+    if INTERPRET:
         monkeypatch.delenv("TRITON_INTERPRET")
         ops.qk_norm_rope(q, k, qm, km, temp, cos, sin, backend="triton")
         assert calls == [1]

@@ -1,47 +1,23 @@
 """Triton routing ops vs the references: ``gather_tokens``, ``scatter_gated_add``, ``moe_permute``,
 ``moe_unpermute`` - outputs and every gradient.
 
-Without CUDA the kernels run on CPU in the Triton interpreter (``TRITON_INTERPRET=1`` is set
-below before any kernel module is imported, then restored, and set again around each test).
+Without CUDA the kernels run on CPU in the Triton interpreter (``TRITON_INTERPRET=1`` while the kernel modules are imported and around each test: see
+``conftest.py``).
 With CUDA the fp32 cases run compiled on the GPU and the bf16 cases run too.
 """
 
-import os
+import importlib
 
+import pytest
 import torch
 
-_INTERPRET = not torch.cuda.is_available()
-_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
-if _INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of a kernel module
+from hydra_hf import ops
+from hydra_hf.ops import reference as R
+from hydra_hf.ops.moe_permute import moe_permute_triton, moe_unpermute_triton
+from hydra_hf.ops.routing_gather import gather_tokens_triton, scatter_gated_add_triton
+from conftest import CUDA_ONLY, DEVICE, INTERPRET, rel
 
-import importlib  # noqa: E402
-
-import pytest  # noqa: E402
-
-from hydra_hf import ops  # noqa: E402
-from hydra_hf.ops import reference as R  # noqa: E402
-from hydra_hf.ops.moe_permute import moe_permute_triton, moe_unpermute_triton  # noqa: E402
-from hydra_hf.ops.routing_gather import gather_tokens_triton, scatter_gated_add_triton  # noqa: E402
-
-if _PREV_INTERPRET is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
-
-DEVICE = "cpu" if _INTERPRET else "cuda"
-CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 Triton kernels need a CUDA GPU")
-
-
-@pytest.fixture(autouse=True)
-def _triton_interpreter(monkeypatch):
-    if _INTERPRET:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def _select(B, T, K, gen, unique=True):
@@ -153,7 +129,7 @@ def test_routing_dispatcher_uses_kernels_and_falls_back(monkeypatch):
     assert calls == [1]
     ops.gather_tokens(x, idx, backend="torch")
     assert calls == [1]
-    if _INTERPRET:
+    if INTERPRET:
         monkeypatch.delenv("TRITON_INTERPRET")
         assert torch.equal(ops.gather_tokens(x, idx, backend="triton"), R.gather_tokens_ref(x, idx))
         assert calls == [1]
