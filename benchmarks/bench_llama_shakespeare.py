@@ -2,11 +2,14 @@
 
 In ONE run this trains
   (a) LlamaForCausalLM, 4 layers x 128 dim x 4 heads (~0.79M parameters with the 65-char vocab), and
-  (b) a HYDRA model of ~0.8M parameters,
+  (b) a HYDRA model of ~0.8M parameters (3 shared blocks x 2 recursions, routing off), and
+  (c) the same HYDRA with routing on (MoD capacity 0.5 on every block + MoR expert choice), which spends
+      about as many FLOPs per token as the Llama,
 each with block 64, batch 12, AdamW lr 1e-3 with a cosine schedule, `--steps` steps (default 2000), on the
 first 90% of the corpus (the last 10% is the validation set), evaluating every `--eval_every` steps and
 recording the wall clock. It prints final val loss and wall clock side by side, plus each model's val loss
-at the same wall-clock budget (the shorter of the two runs; linear interpolation between evaluations).
+at the same wall-clock budget (the shortest run; linear interpolation between evaluations) and the training
+FLOPs per token of each model (torch.utils.flop_counter, one step).
 
 Reference (SPEC section 8): Llama val loss 1.670 after 186 s at 2000 steps on 2 CPU cores.
 
@@ -68,11 +71,32 @@ class WallClockEval(TrainerCallback):
         self.points.append((state.global_step, now - self.t0 - self.eval_time, metrics["eval_loss"]))
 
 
-def hydra_config(vocab: int, block: int) -> HydraConfig:
+# mod_aux_loss_coef: the SPEC's auto BCE weight is 0.00086 at this size (6 layers x 160), too weak to
+# calibrate the causal rule (logit > 0) against the gate and ponder gradients: eval-mode fractions
+# drift to 0.0-0.9 and the causal val loss rises. 0.03 keeps them at ~0.5 (docs/routing.md).
+ROUTED = dict(mod_enabled=True, mod_every=1, mod_capacity=0.5, mor_enabled=True, mor_routing="expert_choice",
+              mod_aux_loss_coef=0.03)
+
+
+def hydra_config(vocab: int, block: int, **routing) -> HydraConfig:
     # ~0.8M parameters: hidden 160, 3 shared blocks x 2 recursions, tied embeddings
-    return HydraConfig(vocab_size=vocab, hidden_size=160, intermediate_size=480, num_attention_heads=4,
-                       num_key_value_heads=2, compression_factor=2, num_unique_blocks=3, mor_recursions=2,
-                       max_position_embeddings=block, mod_enabled=False, mor_enabled=False)
+    kwargs = dict(vocab_size=vocab, hidden_size=160, intermediate_size=480, num_attention_heads=4,
+                  num_key_value_heads=2, compression_factor=2, num_unique_blocks=3, mor_recursions=2,
+                  max_position_embeddings=block, mod_enabled=False, mor_enabled=False)
+    kwargs.update(routing)
+    return HydraConfig(**kwargs)
+
+
+def train_flops_per_token(model, vocab: int, batch: int, block: int) -> float:
+    """FLOPs of one forward + backward with labels, per token (the model's routing as configured)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randint(0, vocab, (batch, block), generator=torch.Generator().manual_seed(0))
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=x, labels=x).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / (batch * block)
 
 
 def train_one(name, model, train_ds, val_ds, args_kw, out_dir):
@@ -119,7 +143,8 @@ def main(argv=None):
     p.add_argument("--eval_every", type=int, default=250)
     p.add_argument("--eval_batches", type=int, default=50, help="val batches (of 12) per evaluation")
     p.add_argument("--out", default="/tmp/bench_llama_shakespeare")
-    p.add_argument("--only", choices=["llama", "hydra"], default=None)
+    p.add_argument("--only", nargs="+", choices=["llama", "hydra", "hydra_routed"], default=None,
+                   help="run only these models (default: all three)")
     args = p.parse_args(argv)
 
     text = open(args.data, encoding="utf-8").read()
@@ -139,30 +164,42 @@ def main(argv=None):
                   seed=0, dataloader_num_workers=0, disable_tqdm=True, use_cpu=True,
                   label_names=["labels"])
     results = []
-    if args.only in (None, "llama"):
+    if args.only is None or "llama" in args.only:
         torch.manual_seed(0)
         llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(chars), hidden_size=128, intermediate_size=344,
                                              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                                              max_position_embeddings=block, tie_word_embeddings=True))
+        flops = train_flops_per_token(llama, len(chars), batch, block)
         results.append(train_one("llama", llama, train_ds, val_ds, common, args.out))
+        results[-1]["flops_per_token"] = flops
         print(f"llama: val loss {results[-1]['val_loss']:.4f}, {results[-1]['train_seconds']:.1f} s", flush=True)
-    if args.only in (None, "hydra"):
+    if args.only is None or "hydra" in args.only:
         torch.manual_seed(0)
         hydra = HydraForCausalLM(hydra_config(len(chars), block))
+        flops = train_flops_per_token(hydra, len(chars), batch, block)
         results.append(train_one("hydra", hydra, train_ds, val_ds, common, args.out))
+        results[-1]["flops_per_token"] = flops
         print(f"hydra: val loss {results[-1]['val_loss']:.4f}, {results[-1]['train_seconds']:.1f} s", flush=True)
+    if args.only is None or "hydra_routed" in args.only:
+        torch.manual_seed(0)
+        hydra = HydraForCausalLM(hydra_config(len(chars), block, **ROUTED))
+        flops = train_flops_per_token(hydra, len(chars), batch, block)
+        results.append(train_one("hydra_routed", hydra, train_ds, val_ds, common, args.out))
+        results[-1]["flops_per_token"] = flops
+        print(f"hydra_routed: val loss {results[-1]['val_loss']:.4f}, {results[-1]['train_seconds']:.1f} s", flush=True)
 
     print(f"\nTiny Shakespeare char level, {args.steps} steps, block {block}, batch {batch}, "
           f"{os.cpu_count()} CPU threads")
-    print(f"{'model':8s} {'params':>9s} {'val loss':>9s} {'train s':>8s} {'tokens/s':>9s}")
+    print(f"{'model':13s} {'params':>9s} {'val loss':>9s} {'train s':>8s} {'tokens/s':>9s} {'train MFLOP/token':>18s}")
     for r in results:
         tps = args.steps * batch * block / r["train_seconds"]
-        print(f"{r['name']:8s} {r['params'] / 1e6:8.3f}M {r['val_loss']:9.4f} {r['train_seconds']:8.1f} {tps:9.0f}")
-    if len(results) == 2:
+        print(f"{r['name']:13s} {r['params'] / 1e6:8.3f}M {r['val_loss']:9.4f} {r['train_seconds']:8.1f} {tps:9.0f} "
+              f"{r['flops_per_token'] / 1e6:18.2f}")
+    if len(results) >= 2:
         budget = min(r["train_seconds"] for r in results)
         print(f"\nval loss at the same wall-clock budget ({budget:.1f} s of training):")
         for r in results:
-            print(f"  {r['name']:8s} {loss_at(r['points'], budget):.4f}")
+            print(f"  {r['name']:13s} {loss_at(r['points'], budget):.4f}")
     print("\neval curve (step, train seconds, val loss):")
     for r in results:
         print(f"  {r['name']}: " + ", ".join(f"({s}, {t:.0f}s, {l:.3f})" for s, t, l in r["points"]))
