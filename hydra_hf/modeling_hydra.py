@@ -26,9 +26,21 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
-from . import ops
 from .cache_hydra import HydraCache, HydraCacheLayer
 from .configuration_hydra import HydraConfig
+from .ops_hydra import (
+    causal_conv,
+    causal_conv_state_len,
+    fused_linear_cross_entropy,
+    gather_tokens,
+    linear_cross_entropy_is_fused,
+    qk_mean,
+    qk_norm_rope,
+    resolve_backend,
+    rms_norm,
+    scatter_gated_add,
+    swiglu,
+)
 from .routing_hydra import (
     HydraMoEBlock,
     LayerPlan,
@@ -51,8 +63,8 @@ class HydraRMSNorm(nn.Module):
         self.kernel_backend = kernel_backend
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        backend = ops.resolve_backend(self.kernel_backend, hidden_states.device)
-        return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon, backend=backend)
+        backend = resolve_backend(self.kernel_backend, hidden_states.device)
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon, backend=backend)
 
     def extra_repr(self):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -91,8 +103,8 @@ class HydraMLP(nn.Module):
         self.kernel_backend = config.kernel_backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        backend = ops.resolve_backend(self.kernel_backend, x.device)
-        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), backend=backend))
+        backend = resolve_backend(self.kernel_backend, x.device)
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=backend))
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -199,7 +211,7 @@ class HydraAttention(nn.Module):
         self.use_qk_mean = config.use_qk_mean
         self.seq_kernel = config.qk_conv_kernel_size
         self.chan_kernel = config.qk_channel_conv_kernel_size
-        self.conv_state_len = ops.causal_conv_state_len(self.seq_kernel, self.chan_kernel)
+        self.conv_state_len = causal_conv_state_len(self.seq_kernel, self.chan_kernel)
         self.kernel_backend = config.kernel_backend
 
         q_width = self.num_heads * self.head_dim  # E / C
@@ -228,7 +240,7 @@ class HydraAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, K, _ = hidden_states.shape
         Hq, Hk, h, Hs = self.num_heads, self.num_key_value_heads, self.head_dim, self.num_shift_heads
-        backend = ops.resolve_backend(self.kernel_backend, hidden_states.device)
+        backend = resolve_backend(self.kernel_backend, hidden_states.device)
 
         q = self.q_proj(hidden_states)  # (B, K, Hq*h)
         k = self.k_proj(hidden_states)  # (B, K, Hk*h)
@@ -236,7 +248,7 @@ class HydraAttention(nn.Module):
 
         q_mean = k_mean = None
         if self.use_qk_mean:
-            q_mean, k_mean = ops.qk_mean(q.view(B, K, Hq, h), k.view(B, K, Hk, h), backend=backend)
+            q_mean, k_mean = qk_mean(q.view(B, K, Hq, h), k.view(B, K, Hk, h), backend=backend)
 
         counts = None if valid is None else valid.sum(dim=1)  # (B,)
         conv_q_state = conv_k_state = value_prev = None
@@ -244,8 +256,8 @@ class HydraAttention(nn.Module):
             conv_q_state, conv_k_state, value_prev = cache_layer.conv_q, cache_layer.conv_k, cache_layer.value_prev
 
         P = self.conv_state_len
-        q_conv = ops.causal_conv(q, self.q_seq_conv, self.q_chan_conv, Hq, state=conv_q_state, backend=backend)
-        k_conv = ops.causal_conv(k, self.k_seq_conv, self.k_chan_conv, Hk, state=conv_k_state, backend=backend)
+        q_conv = causal_conv(q, self.q_seq_conv, self.q_chan_conv, Hq, state=conv_q_state, backend=backend)
+        k_conv = causal_conv(k, self.k_seq_conv, self.k_chan_conv, Hk, state=conv_k_state, backend=backend)
 
         # Value shift: the last Hs KV heads read the previous processed token's values.
         new_value_prev = None
@@ -265,7 +277,7 @@ class HydraAttention(nn.Module):
             cache_layer.set_rolling_state(new_conv_q, new_conv_k, new_value_prev, cache_step)
 
         cos, sin = position_embeddings
-        q_out, k_out = ops.qk_norm_rope(
+        q_out, k_out = qk_norm_rope(
             q_conv.view(B, K, Hq, h), k_conv.view(B, K, Hk, h), q_mean, k_mean, self.key_temperature,
             cos, sin, backend=backend,
         )
@@ -509,7 +521,7 @@ class HydraModel(HydraPreTrainedModel):
         block ran on (B * K), which the routing statistics and the FLOP tests read.
         """
         cache_layer = cache.layers[layer_idx] if cache is not None else None
-        backend = ops.resolve_backend(self.config.kernel_backend, hidden_states.device)
+        backend = resolve_backend(self.config.kernel_backend, hidden_states.device)
         B, T, _ = hidden_states.shape
         if active is None:
             pos_emb = self.rotary_emb(hidden_states, positions)
@@ -524,7 +536,7 @@ class HydraModel(HydraPreTrainedModel):
         K = index.shape[1]
         if K == 0:
             return hidden_states, None, 0
-        x = ops.gather_tokens(hidden_states, index, backend=backend)  # (B, K, E)
+        x = gather_tokens(hidden_states, index, backend=backend)  # (B, K, E)
         sel_positions = torch.gather(positions, 1, index)  # (B, K)
         pos_emb = self.rotary_emb(x, sel_positions)
         all_valid = bool(valid.all())
@@ -536,7 +548,7 @@ class HydraModel(HydraPreTrainedModel):
         scale = valid.to(update.dtype)
         if gate is not None:
             scale = scale * torch.gather(gate, 1, index).to(update.dtype)
-        hidden_states = ops.scatter_gated_add(hidden_states, update, index, scale, backend=backend)
+        hidden_states = scatter_gated_add(hidden_states, update, index, scale, backend=backend)
         return hidden_states, attn, B * K
 
     def forward(
@@ -677,7 +689,7 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
             return False
         if setting is True:
             return True
-        return ops.linear_cross_entropy_is_fused(self.config.kernel_backend, hidden_states, self.lm_head.weight)
+        return linear_cross_entropy_is_fused(self.config.kernel_backend, hidden_states, self.lm_head.weight)
 
     def _fused_causal_lm_loss(
         self,
@@ -694,7 +706,7 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # (B*T, E)
         targets = shift_labels.reshape(-1).to(hidden.device)  # (B*T,)
         reduction = "mean" if num_items_in_batch is None else "sum"
-        loss = ops.fused_linear_cross_entropy(
+        loss = fused_linear_cross_entropy(
             hidden, self.lm_head.weight, targets, ignore_index, self.config.kernel_backend, reduction
         )
         if num_items_in_batch is not None:

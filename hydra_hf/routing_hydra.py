@@ -22,7 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from .ops_hydra import (
+    moe_permute,
+    moe_unpermute,
+    resolve_backend,
+)
 
 # ---------------------------------------------------------------------------- layout
 
@@ -452,7 +456,7 @@ class HydraMoEBlock(nn.Module):
             router_in = x * noise
         logits = self.gate(router_in).float()  # (N, X)
         probs = logits.softmax(dim=-1)
-        backend = ops.resolve_backend(self.kernel_backend, x.device)
+        backend = resolve_backend(self.kernel_backend, x.device)
 
         if state.moe_dense:
             # Dense warmup: every token through every expert, softmax-weighted.
@@ -477,7 +481,7 @@ class HydraMoEBlock(nn.Module):
             top_w, expert_index = probs.topk(k, dim=-1)  # (N, k)
             weights = top_w / top_w.sum(dim=-1, keepdim=True)
 
-        permuted, tokens_per_expert, sorted_pairs = ops.moe_permute(
+        permuted, tokens_per_expert, sorted_pairs = moe_permute(
             x, expert_index, X, backend=backend
         )  # (N*k', E), (X,), (N*k',)
         outputs = []
@@ -487,7 +491,7 @@ class HydraMoEBlock(nn.Module):
                 outputs.append(self.experts[e](permuted[start : start + count]))
             start += count
         expert_out = torch.cat(outputs, dim=0) if outputs else permuted[:0]
-        y = ops.moe_unpermute(expert_out, sorted_pairs, weights.to(expert_out.dtype), backend=backend)  # (N, E)
+        y = moe_unpermute(expert_out, sorted_pairs, weights.to(expert_out.dtype), backend=backend)  # (N, E)
 
         # Losses and statistics over real (non-padding) tokens.
         valid = None if token_valid is None else token_valid.reshape(-1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ROUTING_MODES, tiny_model
 
-from hydra_hf import HydraConfig, ops
+from hydra_hf import HydraConfig, modeling_hydra, ops
 from hydra_hf.ops.cross_entropy import linear_cross_entropy_ref
 
 
@@ -86,7 +86,7 @@ def test_auto_setting_follows_whether_the_op_is_really_fused(monkeypatch):
         asked.append(backend)
         return True
 
-    monkeypatch.setattr(ops, "linear_cross_entropy_is_fused", fused_here)
+    monkeypatch.setattr(modeling_hydra, "linear_cross_entropy_is_fused", fused_here)
     assert model(ids, labels=labels).logits is None
     assert asked == [model.config.kernel_backend]
     model.config.fused_linear_cross_entropy = False

@@ -1,23 +1,12 @@
-"""HYDRA ops with a backend switch.
+"""HYDRA's fused ops: ``hydra_hf.ops.<op>`` dispatchers plus one Triton kernel module per op.
 
-Every op has a plain PyTorch reference (``reference.py``). ``kernel_backend`` in the config
-chooses the implementation: ``"torch"`` always runs the reference, ``"triton"`` runs our
-Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"liger"`` uses Liger's kernels
-for RMSNorm / SwiGLU and ours for the rest, ``"auto"`` picks Triton/Liger on CUDA and the
-reference on CPU. The choice is made per call from the config, never by patching modules.
-
-Fallbacks (decided at call time, so the model runs everywhere with any backend):
-
-* A Triton path is taken for CUDA tensors, or for CPU tensors when ``TRITON_INTERPRET`` is set in
-  ``os.environ`` *and* the kernel module was first imported with it set (Triton decides
-  interpreted-vs-compiled when a kernel is defined). Otherwise the reference runs.
-* Kernel modules (and Triton / Liger) are imported lazily, only when a Triton path is taken, so
-  ``backend="torch"`` never needs Triton installed.
-* ``"auto"`` arriving here is treated as ``"triton"`` for CUDA tensors and ``"torch"`` otherwise.
-* RMSNorm / SwiGLU / fused linear cross-entropy use Liger on CUDA for ``"liger"``, ``"triton"``
-  and ``"auto"``. Without Liger installed, ``"liger"`` raises ImportError; ``"triton"`` uses our
-  Triton RMSNorm and the SwiGLU / cross-entropy references.
-* ``qk_mean`` always runs the reference (see ``qk_norm_rope.py`` for why).
+The dispatcher functions (``causal_conv``, ``qk_norm_rope``, ``gather_tokens``, ...,
+``fused_linear_cross_entropy``) are defined in ``hydra_hf/ops_hydra.py`` and the plain PyTorch
+references in ``hydra_hf/ops_reference_hydra.py`` (also reachable as ``hydra_hf.ops.reference``):
+both are flat modules so that a saved model's remote code carries them. This package holds the
+kernels, one file per op (``causal_conv.py``, ``qk_norm_rope.py``, ``routing_gather.py``,
+``moe_permute.py``, ``rms_norm.py``, ``cross_entropy.py``), each with its Triton kernels, launcher
+and ``autograd.Function``; the dispatcher imports them lazily. See ``docs/kernels.md``.
 
 Kernel modules share their names with the dispatcher functions (``causal_conv.py`` holds the
 kernels behind ``causal_conv(...)``). Importing a submodule normally rebinds the package
@@ -29,168 +18,15 @@ kernel module with ``from hydra_hf.ops.causal_conv import causal_conv_triton`` o
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 
-import torch
+from .. import ops_reference_hydra as reference
+from ..ops_hydra import *  # noqa: F403  (the public dispatcher functions)
+from ..ops_hydra import __all__ as _dispatcher_names
+from ..ops_hydra import _effective_backend, _liger_ok, _triton_module, interpret_requested  # noqa: F401
 
-from . import reference
-from ._triton_utils import interpret_requested
-from .reference import causal_conv_state_len
-
-KERNEL_BACKENDS = ("auto", "triton", "liger", "torch")
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map a configured backend to the one that runs on ``device``."""
-    if backend not in KERNEL_BACKENDS:
-        raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    return backend
-
-
-def _effective_backend(backend: str, *tensors: torch.Tensor | None) -> str:
-    """Validate ``backend`` and resolve ``"auto"`` from where the tensors live."""
-    if backend not in KERNEL_BACKENDS:
-        raise ValueError(f"backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        on_cuda = all(t.is_cuda for t in tensors if t is not None)
-        return "triton" if on_cuda else "torch"
-    return backend
-
-
-def _triton_module(backend: str, module: str, *tensors: torch.Tensor | None):
-    """The kernel module ``hydra_hf.ops.<module>`` if its Triton kernels can run on ``tensors`` now, else None."""
-    backend = _effective_backend(backend, *tensors)
-    if backend == "torch":
-        return None
-    ts = [t for t in tensors if t is not None]
-    all_cuda = all(t.is_cuda for t in ts)
-    all_cpu = all(t.device.type == "cpu" for t in ts)
-    if not (all_cuda or (all_cpu and interpret_requested())):
-        return None
-    try:
-        mod = importlib.import_module(f"{__name__}.{module}")
-    except ImportError:  # Triton is not installed
-        return None
-    if all_cuda:
-        return mod if (not mod.INTERPRETED or interpret_requested()) else None
-    return mod if mod.INTERPRETED else None
-
-
-def _liger_ok(backend: str, *tensors: torch.Tensor) -> bool:
-    """Whether to call Liger: CUDA tensors, a non-torch backend and Liger importable.
-
-    An explicit ``"liger"`` backend without Liger installed raises instead of silently falling back.
-    """
-    backend = _effective_backend(backend, *tensors)
-    if backend == "torch" or not all(t.is_cuda for t in tensors):
-        return False
-    try:
-        importlib.import_module("liger_kernel.ops")
-    except ImportError as e:
-        if backend == "liger":
-            raise ImportError("backend='liger' needs the liger-kernel package (pip install liger-kernel)") from e
-        return False
-    return True
-
-
-def causal_conv(x, seq_weight, chan_weight, num_heads, state=None, backend="torch"):
-    """CCGQA causal depthwise + per-head channel conv. x (B, T, C) -> (B, T, C); see ``causal_conv_ref``."""
-    mod = _triton_module(backend, "causal_conv", x, seq_weight, chan_weight, state)
-    if mod is not None:
-        return mod.causal_conv_triton(x, seq_weight, chan_weight, num_heads, state)
-    return reference.causal_conv_ref(x, seq_weight, chan_weight, num_heads, state)
-
-
-def qk_mean(q, k, backend="torch"):
-    """CCGQA q-k mean -> (m_q, m_k); the reference on every backend (see ``qk_norm_rope.py``)."""
-    _effective_backend(backend, q, k)
-    return reference.qk_mean_ref(q, k)
-
-
-def qk_norm_rope(q, k, q_mean, k_mean, temperature, cos, sin, eps=1e-6, backend="torch"):
-    """Mean add-back + L2 norm x sqrt(h) (x key temperature) + partial RoPE -> (q, k); see ``qk_norm_rope_ref``."""
-    mod = _triton_module(backend, "qk_norm_rope", q, k, q_mean, k_mean, temperature, cos, sin)
-    if mod is not None:
-        return mod.qk_norm_rope_triton(q, k, q_mean, k_mean, temperature, cos, sin, eps)
-    return reference.qk_norm_rope_ref(q, k, q_mean, k_mean, temperature, cos, sin, eps)
-
-
-def gather_tokens(x, index, backend="torch"):
-    """x (B, T, E), index (B, K) -> (B, K, E); see ``gather_tokens_ref``."""
-    mod = _triton_module(backend, "routing_gather", x, index)
-    if mod is not None:
-        return mod.gather_tokens_triton(x, index)
-    return reference.gather_tokens_ref(x, index)
-
-
-def scatter_gated_add(residual, update, index, gate=None, backend="torch"):
-    """Out-of-place residual[b, index[b, k]] += gate[b, k] * update[b, k]; see ``scatter_gated_add_ref``."""
-    mod = _triton_module(backend, "routing_gather", residual, update, index, gate)
-    if mod is not None:
-        return mod.scatter_gated_add_triton(residual, update, index, gate)
-    return reference.scatter_gated_add_ref(residual, update, index, gate)
-
-
-def moe_permute(x, expert_index, num_experts, backend="torch"):
-    """-> (permuted (N*k, E), tokens_per_expert (X,), sorted_pairs (N*k,)); see ``moe_permute_ref``."""
-    mod = _triton_module(backend, "moe_permute", x, expert_index)
-    if mod is not None:
-        return mod.moe_permute_triton(x, expert_index, num_experts)
-    return reference.moe_permute_ref(x, expert_index, num_experts)
-
-
-def moe_unpermute(expert_out, sorted_pairs, weights, backend="torch"):
-    """-> (N, E) weighted sum of each token's expert rows; see ``moe_unpermute_ref``."""
-    mod = _triton_module(backend, "moe_permute", expert_out, sorted_pairs, weights)
-    if mod is not None:
-        return mod.moe_unpermute_triton(expert_out, sorted_pairs, weights)
-    return reference.moe_unpermute_ref(expert_out, sorted_pairs, weights)
-
-
-def rms_norm(x, weight, eps, backend="torch"):
-    """Llama RMSNorm; Liger on CUDA, our Triton kernel without Liger / under the interpreter."""
-    if _liger_ok(backend, x, weight):
-        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-
-        # in_place=False: Liger would otherwise overwrite the incoming gradient with grad_x
-        return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", False)
-    if _effective_backend(backend, x, weight) == "triton":
-        mod = _triton_module("triton", "rms_norm", x, weight)
-        if mod is not None:
-            return mod.rms_norm_triton(x, weight, eps)
-    return reference.rms_norm_ref(x, weight, eps)
-
-
-def swiglu(gate, up, backend="torch"):
-    """silu(gate) * up; Liger on CUDA, the reference elsewhere."""
-    if _liger_ok(backend, gate, up):
-        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-
-        return LigerSiLUMulFunction.apply(gate, up)
-    return reference.swiglu_ref(gate, up)
-
-
-def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, backend="torch", reduction="mean"):
-    """Cross-entropy of ``hidden (N, E) @ weight (V, E).T`` against ``labels (N,)``, ignoring ``ignore_index``.
-
-    ``reduction`` is ``"mean"`` (over the non-ignored labels) or ``"sum"``. Liger's fused kernel
-    on CUDA (the (N, V) logits are never materialised); the reference
-    ``cross_entropy.linear_cross_entropy_ref`` elsewhere. Returns an fp32 scalar.
-    """
-    from . import cross_entropy
-
-    if _liger_ok(backend, hidden, weight, labels):
-        return cross_entropy.linear_cross_entropy_liger(hidden, weight, labels, ignore_index, reduction)
-    return cross_entropy.linear_cross_entropy_ref(hidden, weight, labels, ignore_index, reduction)
-
-
-def linear_cross_entropy_is_fused(backend, *tensors) -> bool:
-    """Whether ``fused_linear_cross_entropy`` on these tensors runs the chunked kernel (no full logits)."""
-    return _liger_ok(backend, *tensors)
+sys.modules[f"{__name__}.reference"] = reference  # `from hydra_hf.ops.reference import ...` keeps working
 
 
 class _OpsPackage(types.ModuleType):
@@ -205,19 +41,4 @@ class _OpsPackage(types.ModuleType):
 
 sys.modules[__name__].__class__ = _OpsPackage
 
-__all__ = [
-    "KERNEL_BACKENDS",
-    "resolve_backend",
-    "causal_conv_state_len",
-    "causal_conv",
-    "qk_mean",
-    "qk_norm_rope",
-    "gather_tokens",
-    "scatter_gated_add",
-    "moe_permute",
-    "moe_unpermute",
-    "rms_norm",
-    "swiglu",
-    "fused_linear_cross_entropy",
-    "linear_cross_entropy_is_fused",
-]
+__all__ = ["reference", *_dispatcher_names]

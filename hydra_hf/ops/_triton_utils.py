@@ -6,16 +6,9 @@ on machines without Triton installed.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-_TRUE = ("1", "true", "yes", "on")
-
-
-def interpret_requested() -> bool:
-    """True when ``TRITON_INTERPRET`` is set in the environment right now (read at call time)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+from ..ops_hydra import interpret_requested  # noqa: F401  (used by the kernel modules)
 
 
 def next_pow2(n: int) -> int:

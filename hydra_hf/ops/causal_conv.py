@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ._triton_lang import fsum
 from ._triton_utils import dot_precision, interpret_requested, is_interpreted_kernel, next_pow2
-from .reference import causal_conv_state_len
+from ..ops_reference_hydra import causal_conv_state_len
 
 
 @triton.jit

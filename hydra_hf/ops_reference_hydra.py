@@ -1,8 +1,10 @@
 """Plain PyTorch references for every HYDRA op.
 
 These functions define what each op computes. The model runs them directly on the
-``"torch"`` kernel backend (and on CPU under ``"auto"``); every Triton kernel in this
-package is tested against them, output and every gradient.
+``"torch"`` kernel backend (and on CPU under ``"auto"``); every Triton kernel in
+``hydra_hf/ops/`` is tested against them, output and every gradient. This is a flat module
+(only torch imports) so that a saved model's remote code (``trust_remote_code=True``) ships it
+next to ``modeling_hydra.py``; ``hydra_hf.ops.reference`` is the same module under its package name.
 
 Shape letters: B batch, T tokens, C channels, H heads, h head dim, K selected tokens,
 N flattened tokens, X experts, E hidden size.
@@ -175,3 +177,34 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up."""
     return F.silu(gate) * up
+
+
+REDUCTIONS = ("mean", "sum")
+
+
+def check_linear_cross_entropy_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be (N, E), got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must be (V, E={hidden.shape[1]}), got shape {tuple(weight.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != hidden.shape[0]:
+        raise ValueError(f"labels must be (N={hidden.shape[0]},), got shape {tuple(labels.shape)}")
+
+
+def linear_cross_entropy_ref(
+    hidden: torch.Tensor,  # (N, E)
+    weight: torch.Tensor,  # (V, E)
+    labels: torch.Tensor,  # (N,) int64
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T`` over the non-ignored labels (fp32 scalar; mean or sum).
+
+    The logits are upcast to fp32 before the softmax (as Hugging Face causal LMs do and as Liger
+    computes internally). With every label ignored the mean is 0/0 = nan, like ``F.cross_entropy``.
+    """
+    check_linear_cross_entropy_inputs(hidden, weight, labels, reduction)
+    logits = hidden @ weight.T  # (N, V)
+    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction=reduction)

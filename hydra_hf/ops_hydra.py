@@ -1,0 +1,237 @@
+"""HYDRA ops with a backend switch: the one place the model calls its fused ops through.
+
+Every op has a plain PyTorch reference (``ops_reference_hydra.py``). ``kernel_backend`` in the
+config chooses the implementation: ``"torch"`` always runs the reference, ``"triton"`` runs our
+Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"liger"`` uses Liger's kernels
+for RMSNorm / SwiGLU / fused linear cross-entropy and ours for the rest, ``"auto"`` picks
+Triton/Liger on CUDA and the reference on CPU. The choice is made per call from the config,
+never by patching modules.
+
+Fallbacks (decided at call time, so the model runs everywhere with any backend):
+
+* A Triton path is taken for CUDA tensors, or for CPU tensors when ``TRITON_INTERPRET`` is set in
+  ``os.environ`` *and* the kernel module was first imported with it set (Triton decides
+  interpreted-vs-compiled when a kernel is defined). Otherwise the reference runs.
+* Kernel modules (``hydra_hf/ops/<op>.py``) and Triton / Liger are imported lazily, only when a
+  Triton / Liger path is taken, so ``backend="torch"`` never needs Triton installed.
+* ``"auto"`` arriving here is treated as ``"triton"`` for CUDA tensors and ``"torch"`` otherwise.
+* RMSNorm / SwiGLU / fused linear cross-entropy use Liger on CUDA for ``"liger"``, ``"triton"``
+  and ``"auto"``. Without Liger installed, ``"liger"`` raises ImportError; ``"triton"`` uses our
+  Triton RMSNorm and the SwiGLU / cross-entropy references.
+* ``qk_mean`` always runs the reference (see ``ops/qk_norm_rope.py`` for why).
+
+This module and ``ops_reference_hydra.py`` are flat files with only torch imports at module level
+so that ``save_pretrained`` ships them with ``modeling_hydra.py`` as remote code: a model loaded
+with ``trust_remote_code=True`` on a machine without ``hydra_hf`` runs on the references (the
+Triton kernels live in the ``hydra_hf.ops`` package and are used whenever it is installed).
+Users reach these functions as ``hydra_hf.ops.<name>``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from .ops_reference_hydra import (
+    causal_conv_ref,
+    causal_conv_state_len,
+    gather_tokens_ref,
+    linear_cross_entropy_ref,
+    moe_permute_ref,
+    moe_unpermute_ref,
+    qk_mean_ref,
+    qk_norm_rope_ref,
+    rms_norm_ref,
+    scatter_gated_add_ref,
+    swiglu_ref,
+)
+
+KERNEL_PACKAGE = "hydra_hf.ops"  # where the Triton kernel modules live (absent in bare remote code)
+_TRUE = ("1", "true", "yes", "on")
+
+
+def interpret_requested() -> bool:
+    """True when ``TRITON_INTERPRET`` is set in the environment right now (read at call time)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+
+KERNEL_BACKENDS = ("auto", "triton", "liger", "torch")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map a configured backend to the one that runs on ``device``."""
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
+def _effective_backend(backend: str, *tensors: torch.Tensor | None) -> str:
+    """Validate ``backend`` and resolve ``"auto"`` from where the tensors live."""
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        on_cuda = all(t.is_cuda for t in tensors if t is not None)
+        return "triton" if on_cuda else "torch"
+    return backend
+
+
+def _triton_module(backend: str, module: str, *tensors: torch.Tensor | None):
+    """The kernel module ``hydra_hf.ops.<module>`` if its Triton kernels can run on ``tensors`` now, else None.
+
+    None as well where the kernel package or Triton is not installed (remote code without hydra_hf).
+    """
+    backend = _effective_backend(backend, *tensors)
+    if backend == "torch":
+        return None
+    ts = [t for t in tensors if t is not None]
+    all_cuda = all(t.is_cuda for t in ts)
+    all_cpu = all(t.device.type == "cpu" for t in ts)
+    if not (all_cuda or (all_cpu and interpret_requested())):
+        return None
+    try:
+        mod = importlib.import_module(f"{KERNEL_PACKAGE}.{module}")
+    except ImportError:  # Triton or the hydra_hf kernel package is not installed
+        return None
+    if all_cuda:
+        return mod if (not mod.INTERPRETED or interpret_requested()) else None
+    return mod if mod.INTERPRETED else None
+
+
+def _liger_ok(backend: str, *tensors: torch.Tensor) -> bool:
+    """Whether to call Liger: CUDA tensors, a non-torch backend and Liger importable.
+
+    An explicit ``"liger"`` backend without Liger installed raises instead of silently falling back.
+    """
+    backend = _effective_backend(backend, *tensors)
+    if backend == "torch" or not all(t.is_cuda for t in tensors):
+        return False
+    try:
+        importlib.import_module("liger_kernel.ops")
+    except ImportError as e:
+        if backend == "liger":
+            raise ImportError("backend='liger' needs the liger-kernel package (pip install liger-kernel)") from e
+        return False
+    return True
+
+
+def causal_conv(x, seq_weight, chan_weight, num_heads, state=None, backend="torch"):
+    """CCGQA causal depthwise + per-head channel conv. x (B, T, C) -> (B, T, C); see ``causal_conv_ref``."""
+    mod = _triton_module(backend, "causal_conv", x, seq_weight, chan_weight, state)
+    if mod is not None:
+        return mod.causal_conv_triton(x, seq_weight, chan_weight, num_heads, state)
+    return causal_conv_ref(x, seq_weight, chan_weight, num_heads, state)
+
+
+def qk_mean(q, k, backend="torch"):
+    """CCGQA q-k mean -> (m_q, m_k); the reference on every backend (see ``qk_norm_rope.py``)."""
+    _effective_backend(backend, q, k)
+    return qk_mean_ref(q, k)
+
+
+def qk_norm_rope(q, k, q_mean, k_mean, temperature, cos, sin, eps=1e-6, backend="torch"):
+    """Mean add-back + L2 norm x sqrt(h) (x key temperature) + partial RoPE -> (q, k); see ``qk_norm_rope_ref``."""
+    mod = _triton_module(backend, "qk_norm_rope", q, k, q_mean, k_mean, temperature, cos, sin)
+    if mod is not None:
+        return mod.qk_norm_rope_triton(q, k, q_mean, k_mean, temperature, cos, sin, eps)
+    return qk_norm_rope_ref(q, k, q_mean, k_mean, temperature, cos, sin, eps)
+
+
+def gather_tokens(x, index, backend="torch"):
+    """x (B, T, E), index (B, K) -> (B, K, E); see ``gather_tokens_ref``."""
+    mod = _triton_module(backend, "routing_gather", x, index)
+    if mod is not None:
+        return mod.gather_tokens_triton(x, index)
+    return gather_tokens_ref(x, index)
+
+
+def scatter_gated_add(residual, update, index, gate=None, backend="torch"):
+    """Out-of-place residual[b, index[b, k]] += gate[b, k] * update[b, k]; see ``scatter_gated_add_ref``."""
+    mod = _triton_module(backend, "routing_gather", residual, update, index, gate)
+    if mod is not None:
+        return mod.scatter_gated_add_triton(residual, update, index, gate)
+    return scatter_gated_add_ref(residual, update, index, gate)
+
+
+def moe_permute(x, expert_index, num_experts, backend="torch"):
+    """-> (permuted (N*k, E), tokens_per_expert (X,), sorted_pairs (N*k,)); see ``moe_permute_ref``."""
+    mod = _triton_module(backend, "moe_permute", x, expert_index)
+    if mod is not None:
+        return mod.moe_permute_triton(x, expert_index, num_experts)
+    return moe_permute_ref(x, expert_index, num_experts)
+
+
+def moe_unpermute(expert_out, sorted_pairs, weights, backend="torch"):
+    """-> (N, E) weighted sum of each token's expert rows; see ``moe_unpermute_ref``."""
+    mod = _triton_module(backend, "moe_permute", expert_out, sorted_pairs, weights)
+    if mod is not None:
+        return mod.moe_unpermute_triton(expert_out, sorted_pairs, weights)
+    return moe_unpermute_ref(expert_out, sorted_pairs, weights)
+
+
+def rms_norm(x, weight, eps, backend="torch"):
+    """Llama RMSNorm; Liger on CUDA, our Triton kernel without Liger / under the interpreter."""
+    if _liger_ok(backend, x, weight):
+        LigerRMSNormFunction = importlib.import_module("liger_kernel.ops.rms_norm").LigerRMSNormFunction
+        # in_place=False: Liger would otherwise overwrite the incoming gradient with grad_x
+        return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", False)
+    if _effective_backend(backend, x, weight) == "triton":
+        mod = _triton_module("triton", "rms_norm", x, weight)
+        if mod is not None:
+            return mod.rms_norm_triton(x, weight, eps)
+    return rms_norm_ref(x, weight, eps)
+
+
+def swiglu(gate, up, backend="torch"):
+    """silu(gate) * up; Liger on CUDA, the reference elsewhere."""
+    if _liger_ok(backend, gate, up):
+        LigerSiLUMulFunction = importlib.import_module("liger_kernel.ops.swiglu").LigerSiLUMulFunction
+        return LigerSiLUMulFunction.apply(gate, up)
+    return swiglu_ref(gate, up)
+
+
+def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, backend="torch", reduction="mean"):
+    """Cross-entropy of ``hidden (N, E) @ weight (V, E).T`` against ``labels (N,)``, ignoring ``ignore_index``.
+
+    ``reduction`` is ``"mean"`` (over the non-ignored labels) or ``"sum"``. Liger's fused kernel
+    on CUDA (the (N, V) logits are never materialised); ``linear_cross_entropy_ref`` elsewhere.
+    Returns an fp32 scalar.
+    """
+    kernel = _liger_cross_entropy_module(backend, hidden, weight, labels)
+    if kernel is not None:
+        return kernel.linear_cross_entropy_liger(hidden, weight, labels, ignore_index, reduction)
+    return linear_cross_entropy_ref(hidden, weight, labels, ignore_index, reduction)
+
+
+def linear_cross_entropy_is_fused(backend, *tensors) -> bool:
+    """Whether ``fused_linear_cross_entropy`` on these tensors runs the chunked kernel (no full logits)."""
+    return _liger_cross_entropy_module(backend, *tensors) is not None
+
+
+def _liger_cross_entropy_module(backend, *tensors):
+    if not _liger_ok(backend, *tensors):
+        return None
+    try:
+        return importlib.import_module(f"{KERNEL_PACKAGE}.cross_entropy")
+    except ImportError:  # remote code without the hydra_hf package: the reference runs
+        return None
+
+
+__all__ = [
+    "KERNEL_BACKENDS",
+    "resolve_backend",
+    "causal_conv_state_len",
+    "causal_conv",
+    "qk_mean",
+    "qk_norm_rope",
+    "gather_tokens",
+    "scatter_gated_add",
+    "moe_permute",
+    "moe_unpermute",
+    "rms_norm",
+    "swiglu",
+    "fused_linear_cross_entropy",
+    "linear_cross_entropy_is_fused",
+]
