@@ -91,7 +91,7 @@ def test_dispatcher_runs_triton_and_falls_back(monkeypatch):
     ref = causal_conv_ref(x, ws, wc, 2, st)
     assert rel(ops.causal_conv(x, ws, wc, 2, st, backend="triton"), ref) < 1e-5
     assert rel(ops.causal_conv(x, ws, wc, 2, st, backend="liger"), ref) < 1e-5
-    assert callable(ops.causal_conv) and ops.causal_conv.__module__ == "hydra_hf.ops"  # not shadowed
+    assert callable(ops.causal_conv) and ops.causal_conv.__module__ == "hydra_hf.ops_hydra"  # not shadowed
     cc = importlib.import_module("hydra_hf.ops.causal_conv")
     calls = []
     monkeypatch.setattr(cc, "causal_conv_triton", lambda *a: calls.append(1) or causal_conv_ref(*a))

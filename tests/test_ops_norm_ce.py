@@ -93,7 +93,7 @@ def test_dispatcher_names_are_functions_after_kernel_imports():
         importlib.import_module(f"hydra_hf.ops.{name}")
     for name in ("causal_conv", "qk_norm_rope", "rms_norm", "fused_linear_cross_entropy", "swiglu"):
         fn = getattr(ops, name)
-        assert callable(fn) and fn.__module__ == "hydra_hf.ops", name
+        assert callable(fn) and fn.__module__ == "hydra_hf.ops_hydra", name
 
 
 @CUDA_ONLY

@@ -123,6 +123,22 @@ def test_curriculum_callback_applies_schedule_and_gate(tmp_path):
     assert logged[-1]["train/tokens_per_second"] > 0
 
 
+def test_metrics_callback_logs_eval_mode_routing(tmp_path):
+    trainer = run(tmp_path / "e", callbacks=[RoutingMetricsCallback()], max_steps=4, eval_strategy="steps",
+                  eval_steps=4)
+    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+    assert evals and 0.0 <= evals[-1]["eval_routing/mod_fraction/mean"] <= 1.0
+    assert "eval_routing/mor_mean_depth/mean" in evals[-1]
+    assert not any("/loss/" in k for k in evals[-1])
+    # the eval statistics follow the causal rule (router logit > 0), not the training capacity (0.75)
+    for bias, expected in ((-100.0, 0.0), (100.0, 1.0)):
+        with torch.no_grad():
+            for router in trainer.model.model.mod_routers:
+                router.proj.bias.fill_(bias)
+        trainer.evaluate()
+        assert trainer.state.log_history[-1]["eval_routing/mod_fraction/mean"] == pytest.approx(expected)
+
+
 def test_resume_reproduces_losses_and_curriculum(tmp_path):
     rec_full = Recorder()
     full = run(tmp_path / "full", callbacks=[curriculum(), rec_full, HealthCallback(frozen_check_steps=0)])

@@ -332,6 +332,11 @@ class RoutingMetricsCallback(TrainerCallback):
     `routing/moe_tokens/block_<b>/expert_<e>`, `routing/moe_utilisation/block_<b>`,
     `routing/moe_entropy/block_<b>`, `train/ce_loss`, `train/aux_loss`, `train/tokens_per_second`.
     The Trainer itself logs `loss`, `grad_norm` (before clipping) and `learning_rate`.
+
+    With an evaluation, the eval log also gets `eval_routing/...`: the statistics of the last eval
+    batch, i.e. of the *causal inference* rule (MoD / MoR expert choice process a token iff its router
+    logit > 0). Far from the training capacity means the routers' BCE calibration is too weak
+    (raise `mod_aux_loss_coef`; see docs/routing.md).
     """
 
     def __init__(self, every_step: bool = True):
@@ -366,7 +371,14 @@ class RoutingMetricsCallback(TrainerCallback):
             self._losses.append(taken)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or any(k.startswith("eval_") for k in logs) or "loss" not in logs:
+        if logs is None:
+            return
+        if "eval_loss" in logs and self._model is not None:
+            summary = flatten_numbers(self._model.routing_summary())  # the last eval batch (causal rule)
+            extra = {"eval_" + k: v for k, v in summary.items() if k.startswith("routing/") and "/loss/" not in k}
+            add_to_logs(state, logs, extra)
+            return
+        if any(k.startswith("eval_") for k in logs) or "loss" not in logs:
             return
         extra = {}
         if self._count:
