@@ -187,3 +187,22 @@ def test_compact_selection_and_topk_helpers():
     assert topk_mask(scores, None, 0.5).tolist() == [[False, True, True, False]]
     cand = torch.tensor([[True, False, True, True]])
     assert topk_mask(scores, cand, 0.5).tolist() == [[False, False, True, True]]
+
+
+def test_static_routing_compiles_with_fullgraph():
+    """SPEC §4.5: static routing keeps shapes fixed, so the whole training forward traces as ONE graph
+    (`fullgraph=True` raises on any graph break). aot_eager: dynamo + autograd tracing, no C++ compiler."""
+    torch._dynamo.reset()
+    model = tiny_model(seed=2, **ROUTING_MODES["static"]).train()
+    x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    eager = model(x, labels=x)
+    eager.loss.backward()
+    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x, labels=x)
+    out.loss.backward()
+    assert torch.allclose(out.loss, eager.loss, rtol=1e-5, atol=1e-6)
+    for name, grad in eager_grads.items():
+        assert torch.allclose(model.get_parameter(name).grad, grad, rtol=1e-4, atol=1e-6), name
+    torch._dynamo.reset()
