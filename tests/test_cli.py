@@ -59,6 +59,18 @@ def test_train_outputs_loadable_model(trained):
     assert metrics["num_parameters"] > 0 and metrics["eval_loss"] > 0
 
 
+def test_train_writes_hub_model_card(trained):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(trained / "README.md")
+    metrics = json.loads((trained / "final_metrics.json").read_text())
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert {"hydra", "custom_code", "mixture-of-depths", "mixture-of-recursions"} <= set(card.data.tags)
+    assert f"| final eval loss | {metrics['eval_loss']:.4f} |" in card.text
+    assert f"| parameters | {metrics['num_parameters'] / 1e6:.2f}M |" in card.text
+    assert "| hidden size | 32 |" in card.text and "trust_remote_code=True" in card.text
+
+
 def test_generate_cli_streams(trained, capsys):
     assert gen_cli.main([str(trained), "--prompt", "def ", "--max_new_tokens", "5", "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("def ")

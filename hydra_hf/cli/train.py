@@ -17,7 +17,8 @@ Sections: `model` (`preset` + any `HydraConfig` field), `tokenizer` (`name`: HF 
 
 Output directory: `checkpoint-*/` (resumable with `--resume`), the final model (`model.safetensors`,
 `config.json`, tokenizer files), `run_config.yaml`, `log_history.jsonl`, `trainer_state.json`,
-`samples.jsonl`, `final_metrics.json`.
+`samples.jsonl`, `final_metrics.json`, and `README.md` (the Hub model card, see
+`hydra_hf.training.model_card`; the directory also holds the model's remote code).
 """
 
 from __future__ import annotations
@@ -312,6 +313,8 @@ def train(args) -> int:
 
     from .. import HydraForCausalLM
     from ..training import add_callbacks, build_optimizer, build_scheduler
+    from ..training.callbacks import unwrap
+    from ..training.model_card import write_model_card
     from ..training.data import DataConfig, PackedCollator, build_datasets, load_mixture_yaml, load_or_train_tokenizer
 
     t_start = time.time()
@@ -412,6 +415,8 @@ def train(args) -> int:
     if trainer.is_world_process_zero():
         with open(os.path.join(output_dir, "final_metrics.json"), "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2)
+        write_model_card(output_dir, unwrap(trainer.model).config, metrics, cfg,
+                         model_name=training_args.hub_model_id)
         print(f"\nhydra-train: done in {metrics['wall_clock_s']:.0f}s; final eval loss "
               f"{metrics.get('eval_loss', float('nan')):.4f}; model saved to {output_dir}")
         print(f"  try: hydra-generate {output_dir} --prompt 'def '   |   hydra-report {output_dir}")
