@@ -71,11 +71,7 @@ class WallClockEval(TrainerCallback):
         self.points.append((state.global_step, now - self.t0 - self.eval_time, metrics["eval_loss"]))
 
 
-# mod_aux_loss_coef: the SPEC's auto BCE weight is 0.00086 at this size (6 layers x 160), too weak to
-# calibrate the causal rule (logit > 0) against the gate and ponder gradients: eval-mode fractions
-# drift to 0.0-0.9 and the causal val loss rises. 0.03 keeps them at ~0.5 (docs/routing.md).
-ROUTED = dict(mod_enabled=True, mod_every=1, mod_capacity=0.5, mor_enabled=True, mor_routing="expert_choice",
-              mod_aux_loss_coef=0.03)
+ROUTED = dict(mod_enabled=True, mod_every=1, mod_capacity=0.5, mor_enabled=True, mor_routing="expert_choice")
 
 
 def hydra_config(vocab: int, block: int, **routing) -> HydraConfig:

@@ -105,6 +105,11 @@ class HydraConfig(PreTrainedConfig):
         mod_aux_loss_coef (`float`, *optional*):
             Weight of the BCE loss that teaches the router the causal inference rule. `None` = auto:
             `0.01 * (effective_layers / 32) * sqrt(hidden_size / 768)`.
+        router_threshold_momentum (`float`, *optional*, defaults to 0.05):
+            Expert-choice routers (MoD, MoR expert choice) keep a running estimate of their top-k boundary
+            (a buffer, like BatchNorm's running mean, updated in training forwards with this momentum) and
+            subtract it from their logit, so that "processed iff logit > 0" at inference keeps the training
+            capacity even when the BCE weight is small. 0 = off (raw router logit).
         mod_use_predictor (`bool`, *optional*, defaults to `False`):
             Train a small MLP on the detached block input to predict top-k membership and use it at inference.
         moe_enabled (`bool`, *optional*, defaults to `False`):
@@ -190,6 +195,7 @@ class HydraConfig(PreTrainedConfig):
     mod_capacity: float | int = 0.75
     mod_every: int = 2
     mod_aux_loss_coef: float | int | None = None
+    router_threshold_momentum: float | int = 0.05
     mod_use_predictor: bool = False
     moe_enabled: bool = False
     moe_num_layers: int = 0
@@ -344,6 +350,8 @@ class HydraConfig(PreTrainedConfig):
                       "moe_z_loss_coef", "moe_router_jitter", "attention_dropout"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
+        if not 0.0 <= self.router_threshold_momentum <= 1.0:
+            raise ValueError(f"router_threshold_momentum must be in [0, 1], got {self.router_threshold_momentum}")
         if self.mod_aux_loss_coef is not None and self.mod_aux_loss_coef < 0:
             raise ValueError(f"mod_aux_loss_coef must be >= 0 or None (auto), got {self.mod_aux_loss_coef}")
 

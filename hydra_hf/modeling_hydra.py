@@ -462,6 +462,7 @@ class HydraPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.recursion_embedding)
         elif isinstance(module, (MoDRouter, MoRRouter)):
             module.reset_parameters(std)
+            init.zeros_(module.threshold)  # running top-k boundary; a loaded value is kept
 
 
 class HydraModel(HydraPreTrainedModel):

@@ -276,6 +276,27 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (x * m).sum() / m.sum().clamp_min(1.0)
 
 
+@torch.no_grad()
+def update_running_threshold(
+    threshold: torch.Tensor,  # () buffer, in raw-logit units
+    logits: torch.Tensor,  # (B, T) logits with the current threshold already subtracted
+    selected: torch.Tensor,  # (B, T) bool, the training top-k
+    candidates: torch.Tensor | None,  # (B, T) bool or None = all
+    momentum: float,
+) -> None:
+    """Move `threshold` towards the top-k boundary of this batch (midway between the lowest selected
+    and the highest unselected logit, averaged over the rows that have both)."""
+    if momentum <= 0:
+        return
+    valid = candidates if candidates is not None else torch.ones_like(selected)
+    lowest_selected = logits.masked_fill(~selected, float("inf")).amin(dim=-1)  # (B,)
+    highest_skipped = logits.masked_fill(selected | ~valid, float("-inf")).amax(dim=-1)  # (B,)
+    both = torch.isfinite(lowest_selected) & torch.isfinite(highest_skipped)  # (B,)
+    boundary = torch.where(both, (lowest_selected + highest_skipped) / 2, torch.zeros_like(lowest_selected))
+    mean_boundary = boundary.sum() / both.sum().clamp_min(1)  # 0 when no row has both
+    threshold.add_(momentum * mean_boundary.to(threshold.dtype))
+
+
 def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     if a is None:
         return b
@@ -301,6 +322,9 @@ class MoDRouter(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.proj = nn.Linear(config.hidden_size, 1, bias=True)
+        # running top-k boundary in logit units (see update_running_threshold); saved with the weights
+        self.register_buffer("threshold", torch.zeros(()), persistent=True)
+        self.threshold_momentum = config.router_threshold_momentum
         self.predictor = None
         if config.mod_use_predictor:
             width = max(8, config.hidden_size // 8)
@@ -327,12 +351,15 @@ class MoDRouter(nn.Module):
         layer_index: int,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Return (tokens to process (B, T) bool or None = all candidates, gate (B, T) or None)."""
-        logits = self.proj(hidden_states).squeeze(-1).float()  # (B, T)
+        raw_logits = self.proj(hidden_states).squeeze(-1).float()  # (B, T); the gate sees these
+        logits = raw_logits - self.threshold  # (B, T) calibrated: decisions and the BCE use these
         pred_logits = None
         if self.predictor is not None:
             pred_logits = self.predictor(hidden_states.detach()).squeeze(-1).float()
         if self.training or not state.mod_enabled:
             target = topk_mask(logits, candidates, state.mod_capacity)
+            if self.training:
+                update_running_threshold(self.threshold, logits, target, candidates, self.threshold_momentum)
         else:
             decider = pred_logits if pred_logits is not None else logits
             target = decider > 0
@@ -351,7 +378,7 @@ class MoDRouter(nn.Module):
             return None, None
         n_cand = candidates.sum() if candidates is not None else torch.tensor(float(target.numel()))
         record.mod_selected_fraction[layer_index] = (target.sum().float() / n_cand.clamp_min(1)).detach()
-        return target, torch.sigmoid(logits)
+        return target, torch.sigmoid(raw_logits)
 
 
 class MoRRouter(nn.Module):
@@ -366,6 +393,9 @@ class MoRRouter(nn.Module):
         out = 1 if config.mor_routing == "expert_choice" else config.mor_recursions
         self.proj = nn.Linear(config.hidden_size, out, bias=True)
         self.mode = config.mor_routing
+        # expert choice: running top-k boundary in logit units (see update_running_threshold)
+        self.register_buffer("threshold", torch.zeros(()), persistent=True)
+        self.threshold_momentum = config.router_threshold_momentum
 
     def reset_parameters(self, std: float):
         nn.init.normal_(self.proj.weight, std=std)
@@ -373,9 +403,12 @@ class MoRRouter(nn.Module):
 
     def expert_choice(self, hidden_states, candidates, capacity, state, config, record):
         """-> (continuing tokens (B, T) bool or None, gate (B, T) or None)."""
-        logits = self.proj(hidden_states).squeeze(-1).float()  # (B, T)
+        raw_logits = self.proj(hidden_states).squeeze(-1).float()  # (B, T); the gate sees these
+        logits = raw_logits - self.threshold  # (B, T) calibrated: decisions and the BCE use these
         if self.training or not state.mor_enabled:
             target = topk_mask(logits, candidates, capacity)
+            if self.training:
+                update_running_threshold(self.threshold, logits, target, candidates, self.threshold_momentum)
         else:
             target = logits > 0
             if candidates is not None:
@@ -384,12 +417,12 @@ class MoRRouter(nn.Module):
             bce = F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none")
             record.add_loss("mor_bce", state.mod_aux_weight(config) * _masked_mean(bce, candidates))
             if state.mor_ponder_loss_coef > 0:
-                record.add_loss("mor_ponder", state.mor_ponder_loss_coef * _masked_mean(torch.sigmoid(logits), candidates))
+                record.add_loss("mor_ponder", state.mor_ponder_loss_coef * _masked_mean(torch.sigmoid(raw_logits), candidates))
             if state.mor_z_loss_coef > 0:
-                record.add_loss("mor_z", state.mor_z_loss_coef * _masked_mean(logits.pow(2), candidates))
+                record.add_loss("mor_z", state.mor_z_loss_coef * _masked_mean(raw_logits.pow(2), candidates))
         if not state.mor_enabled:
             return candidates, None
-        return target, torch.sigmoid(logits)
+        return target, torch.sigmoid(raw_logits)
 
     def token_choice(self, hidden_states, token_valid, num_recursions, state, record):
         """-> (depth (B, T) long in 1..R or None = full depth, gate (B, T) or None)."""

@@ -206,3 +206,46 @@ def test_static_routing_compiles_with_fullgraph():
     for name, grad in eager_grads.items():
         assert torch.allclose(model.get_parameter(name).grad, grad, rtol=1e-4, atol=1e-6), name
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mode", ["mod", "mor_expert"])
+def test_running_threshold_calibrates_the_causal_rule_and_is_saved(mode, tmp_path):
+    """A router whose raw logits are all positive would process every token at inference; the running
+    top-k boundary (updated by training forwards, no optimizer) brings the eval fraction to the capacity."""
+    from transformers import AutoModelForCausalLM
+
+    capacity = 0.5
+    model = tiny_model(seed=4, mod_capacity=capacity, mor_capacity=capacity, router_threshold_momentum=0.2,
+                       **ROUTING_MODES[mode])
+    routers = model.model.mod_routers if mode == "mod" else model.model.mor_routers
+    with torch.no_grad():
+        for router in routers:
+            router.proj.bias.fill_(5.0)  # raw logits ~ +5: uncalibrated
+    x = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(1))
+    key = "routing/mod_fraction/mean" if mode == "mod" else "routing/mor_mean_depth/mean"
+
+    def eval_stat():
+        model.eval()
+        with torch.no_grad():
+            model(x)
+        return model.routing_summary()[key]
+
+    before = eval_stat()
+    model.train()
+    with torch.no_grad():
+        for _ in range(40):
+            model(x, labels=x)
+    train_stat = model.routing_summary()[key]
+    after = eval_stat()
+    if mode == "mod":
+        assert before == pytest.approx(1.0)  # every token passes logit > 0 before calibration
+        assert abs(after - capacity) < 0.1, after
+    else:
+        assert before == pytest.approx(model.config.mor_recursions)  # every token recurses fully
+        assert abs(after - train_stat) < 0.15, (after, train_stat)
+    assert all(abs(float(r.threshold)) > 1.0 for r in routers)
+    model.save_pretrained(tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    loaded_routers = loaded.model.mod_routers if mode == "mod" else loaded.model.mor_routers
+    for a, b in zip(routers, loaded_routers):
+        assert torch.equal(a.threshold, b.threshold)

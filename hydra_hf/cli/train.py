@@ -43,9 +43,6 @@ DEFAULTS = {
         "num_key_value_heads": 2,
         "mod_enabled": True,
         "mor_enabled": True,
-        # the SPEC's auto BCE weight is 0.0007 at this size: too weak to calibrate the causal routing
-        # rule (logit > 0) used at eval / generation; 0.03 keeps eval fractions at the capacity
-        "mod_aux_loss_coef": 0.03,
         "max_position_embeddings": 512,
     },
     "tokenizer": {"name": "bpe", "vocab_size": 2048},
