@@ -335,8 +335,8 @@ class RoutingMetricsCallback(TrainerCallback):
 
     With an evaluation, the eval log also gets `eval_routing/...`: the statistics of the last eval
     batch, i.e. of the *causal inference* rule (MoD / MoR expert choice process a token iff its router
-    logit > 0). Far from the training capacity means the routers' BCE calibration is too weak
-    (raise `mod_aux_loss_coef`; see docs/routing.md).
+    logit > 0). Far from the training capacity means the routers' running threshold has not caught up
+    (`router_threshold_momentum`; see docs/routing.md).
     """
 
     def __init__(self, every_step: bool = True):
