@@ -3,7 +3,8 @@
 - `build_layer_plan` lays the effective layers out over the weight-shared blocks
   (`mor_sharing` "sequence" or "middle_cycle") and says which routers and MoE blocks act where.
 - `MoDRouter` (arXiv 2404.02258): expert-choice top-k per sequence in training; a BCE loss
-  teaches the logit the causal inference rule "process iff logit > 0".
+  teaches the logit the causal inference rule "process iff logit > 0", where the logit is the
+  projection minus a running estimate of the training top-k boundary (`update_running_threshold`).
 - `MoRRouter` (arXiv 2507.10524): expert choice (hierarchical top-k per recursion, same BCE
   rule) or token choice (depth chosen up front from the token's own state, balancing loss).
 - `HydraMoEBlock`: Mixtral-style top-k FFN experts, dispatch by sorting tokens per expert.
