@@ -11,23 +11,13 @@ Also prints parameter counts and KV-cache bytes per token per layer.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hydra_hf import HydraConfig, HydraForCausalLM
+from timing import median_time
 
-
-def median_time(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main():

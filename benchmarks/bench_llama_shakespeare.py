@@ -159,30 +159,24 @@ def main(argv=None):
                   eval_steps=args.eval_every, logging_steps=args.eval_every, save_strategy="no", report_to="none",
                   seed=0, dataloader_num_workers=0, disable_tqdm=True, use_cpu=True,
                   label_names=["labels"])
+    vocab = len(chars)
+    builders = {
+        "llama": lambda: LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab, hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=block, tie_word_embeddings=True)),
+        "hydra": lambda: HydraForCausalLM(hydra_config(vocab, block)),
+        "hydra_routed": lambda: HydraForCausalLM(hydra_config(vocab, block, **ROUTED)),
+    }
     results = []
-    if args.only is None or "llama" in args.only:
+    for name, build in builders.items():
+        if args.only is not None and name not in args.only:
+            continue
         torch.manual_seed(0)
-        llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(chars), hidden_size=128, intermediate_size=344,
-                                             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                                             max_position_embeddings=block, tie_word_embeddings=True))
-        flops = train_flops_per_token(llama, len(chars), batch, block)
-        results.append(train_one("llama", llama, train_ds, val_ds, common, args.out))
+        model = build()
+        flops = train_flops_per_token(model, vocab, batch, block)
+        results.append(train_one(name, model, train_ds, val_ds, common, args.out))
         results[-1]["flops_per_token"] = flops
-        print(f"llama: val loss {results[-1]['val_loss']:.4f}, {results[-1]['train_seconds']:.1f} s", flush=True)
-    if args.only is None or "hydra" in args.only:
-        torch.manual_seed(0)
-        hydra = HydraForCausalLM(hydra_config(len(chars), block))
-        flops = train_flops_per_token(hydra, len(chars), batch, block)
-        results.append(train_one("hydra", hydra, train_ds, val_ds, common, args.out))
-        results[-1]["flops_per_token"] = flops
-        print(f"hydra: val loss {results[-1]['val_loss']:.4f}, {results[-1]['train_seconds']:.1f} s", flush=True)
-    if args.only is None or "hydra_routed" in args.only:
-        torch.manual_seed(0)
-        hydra = HydraForCausalLM(hydra_config(len(chars), block, **ROUTED))
-        flops = train_flops_per_token(hydra, len(chars), batch, block)
-        results.append(train_one("hydra_routed", hydra, train_ds, val_ds, common, args.out))
-        results[-1]["flops_per_token"] = flops
-        print(f"hydra_routed: val loss {results[-1]['val_loss']:.4f}, {results[-1]['train_seconds']:.1f} s", flush=True)
+        print(f"{name}: val loss {results[-1]['val_loss']:.4f}, {results[-1]['train_seconds']:.1f} s", flush=True)
 
     print(f"\nTiny Shakespeare char level, {args.steps} steps, block {block}, batch {batch}, "
           f"{os.cpu_count()} CPU threads")

@@ -11,14 +11,13 @@ next to the ideal speedup from the FLOP count (torch.utils.flop_counter).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import hydra_hf  # noqa: F401
 from hydra_hf import HydraConfig, HydraForCausalLM
+from timing import median_time
 
 ROWS = [
     ("routing off", {}, {}),
@@ -30,15 +29,6 @@ ROWS = [
     ("MoE 4 experts top-1", dict(moe_enabled=True, moe_num_layers=2, num_local_experts=4, num_experts_per_tok=1), {}),
 ]
 
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main():
@@ -66,7 +56,7 @@ def main():
         with FlopCounterMode(display=False) as counter:
             train_step()
         train_flops = counter.get_total_flops()
-        train_t = timed(train_step, args.repeats)
+        train_t = median_time(train_step, args.repeats)
 
         # Inference: eval-mode routing (router logit > 0). Calibrate the routers' bias so eval processes
         # the same fraction as training would (an untrained router has no calibrated threshold).
@@ -81,7 +71,7 @@ def main():
             def infer():
                 model(x, use_cache=False)
 
-            infer_t = timed(infer, args.repeats)
+            infer_t = median_time(infer, args.repeats)
         with FlopCounterMode(display=False) as counter:  # (FlopCounterMode's module hooks need grad mode)
             model(x, use_cache=False)
         infer_flops = counter.get_total_flops()

@@ -9,38 +9,17 @@ cached greedy decode (the conv ``state`` path). Without CUDA it runs in the Trit
 import pytest
 import torch
 
-from hydra_hf import HydraConfig, HydraForCausalLM, ops
-from conftest import DEVICE, rel
+from hydra_hf import ops
+from conftest import DEVICE, rel, tiny_model
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
-CONFIG = dict(
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=96,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    compression_factor=2,
-    num_unique_blocks=2,
-    mor_recursions=2,
-    max_position_embeddings=128,
-    mod_enabled=True,
-    mod_every=1,
-    moe_enabled=True,
-    moe_num_layers=1,
-    num_local_experts=3,
-    num_experts_per_tok=2,
-)
+ROUTING = dict(mod_enabled=True, mod_every=1, moe_enabled=True, moe_num_layers=1, num_local_experts=3,
+               num_experts_per_tok=2)
 
 
-def _model(backend: str) -> HydraForCausalLM:
-    torch.manual_seed(0)
-    model = HydraForCausalLM(HydraConfig(kernel_backend=backend, **CONFIG)).to(DEVICE)
-    with torch.no_grad():  # spread the routers so that routing selects a real mix of tokens
-        for name, param in model.named_parameters():
-            if "routers" in name and name.endswith("proj.weight"):
-                param.normal_(0.0, 0.5)
-    return model
+def _model(backend: str):
+    return tiny_model(seed=0, kernel_backend=backend, **ROUTING).to(DEVICE)
 
 
 def test_triton_backend_matches_torch_backend_training_step():
