@@ -41,8 +41,9 @@ def causal_conv_ref(
     H, h = num_heads, C // num_heads
     P = causal_conv_state_len(Ks, Kc)
     if state is None:
-        state = x.new_zeros(B, P, C)
-    xp = torch.cat([state.to(x.dtype), x], dim=1)  # (B, P + T, C)
+        xp = F.pad(x, (0, 0, P, 0))  # (B, P + T, C) zero history
+    else:
+        xp = torch.cat([state.to(x.dtype), x], dim=1)  # (B, P + T, C)
     # Depthwise "valid" conv over time as a sum of shifted products (much faster than a
     # depthwise conv1d on CPU): mid[t] = sum_j w[:, j] * xp[t + j].
     L1 = T + Kc - 1
@@ -66,28 +67,31 @@ def qk_mean_ref(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.T
     B, T, Hq, h = q.shape
     Hk = k.shape[2]
     groups = Hq // Hk
+    if groups == 1:  # one query head per KV head: m_k = m_q
+        m_q = 0.5 * (q + k)
+        return m_q, m_q
     k_rep = k.repeat_interleave(groups, dim=2)  # (B, T, Hq, h)
     m_q = 0.5 * (q + k_rep)
     m_k = m_q.view(B, T, Hk, groups, h).mean(dim=3)  # (B, T, Hk, h)
     return m_q, m_k
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def apply_partial_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on the first ``cos.shape[-1]`` channels of each head; the rest pass through.
 
     x: (B, T, H, h); cos, sin: (B, T, r) with r even (HF layout: both halves repeat the freqs).
+    Written as the two half-rotations (x1 c - x2 s, x2 c + x1 s) on views, which is the HF
+    ``x * cos + rotate_half(x) * sin`` with fewer tensor ops (this runs in every layer on CPU).
     """
     r = cos.shape[-1]
-    cos = cos.unsqueeze(2).to(x.dtype)  # (B, T, 1, r)
-    sin = sin.unsqueeze(2).to(x.dtype)
-    x_rot, x_pass = x[..., :r], x[..., r:]
-    x_rot = x_rot * cos + _rotate_half(x_rot) * sin
-    return torch.cat([x_rot, x_pass], dim=-1)
+    half = r // 2
+    c = cos[..., :half].unsqueeze(2).to(x.dtype)  # (B, T, 1, r/2)
+    s = sin[..., :half].unsqueeze(2).to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:r]  # (B, T, H, r/2) each
+    parts = [x1 * c - x2 * s, x2 * c + x1 * s]
+    if r < x.shape[-1]:
+        parts.append(x[..., r:])
+    return torch.cat(parts, dim=-1)
 
 
 def qk_norm_rope_ref(
@@ -110,10 +114,12 @@ def qk_norm_rope_ref(
         q = q + q_mean.float()
         k = k + k_mean.float()
     scale = h**0.5
-    q = q * torch.rsqrt(q.pow(2).sum(-1, keepdim=True) + eps) * scale
-    k = k * torch.rsqrt(k.pow(2).sum(-1, keepdim=True) + eps) * (scale * temperature.float().view(1, 1, -1, 1))
-    q = apply_partial_rope_ref(q, cos.float(), sin.float())
-    k = apply_partial_rope_ref(k, cos.float(), sin.float())
+    # the scales multiply the (B, T, H, 1) inverse norms, not the full tensors
+    q = q * (torch.rsqrt(q.pow(2).sum(-1, keepdim=True) + eps) * scale)
+    k = k * (torch.rsqrt(k.pow(2).sum(-1, keepdim=True) + eps) * (scale * temperature.float().view(1, 1, -1, 1)))
+    cos, sin = cos.float(), sin.float()
+    q = apply_partial_rope_ref(q, cos, sin)
+    k = apply_partial_rope_ref(k, cos, sin)
     return q.to(dtype), k.to(dtype)
 
 
@@ -168,6 +174,9 @@ def moe_unpermute_ref(
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama RMSNorm: fp32 statistics, weight applied in the input dtype."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        # the same math as below in one fused ATen op (fewer kernels per layer on CPU)
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     dtype = x.dtype
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
