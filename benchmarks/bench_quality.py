@@ -20,7 +20,7 @@ Scales:
   tiny   char level, ../shared/data/tinyshakespeare.txt (first 90% train, last 10% val), block 64,
          batch 12, ~0.8M parameters (Llama 4 x 128, 4 heads, FFN 344, tied embeddings).
   10m    byte-level BPE (vocab 4096) on the standard-library corpus (the package's embedded default
-         data), block 256, batch 16, ~10M parameters (Llama 8 x 320, 5 heads, FFN 864, tied).
+         data), block 128, batch 8, ~11M parameters (Llama 8 x 320, 5 heads, FFN 864, tied).
 
 It prints a table (params, train FLOPs/token, tokens/s, steps, val CE mean +- std over seeds, ratio to
 Llama) per comparison and writes PNGs of val CE against wall-clock and against FLOPs, plus a JSON with
@@ -99,6 +99,7 @@ class Scale:
     block: int
     batch: int
     llama: dict  # LlamaConfig kwargs (vocab and positions filled in)
+    recipe: dict  # the `tiny` preset's recipe at this scale: fewer, wider blocks (HydraConfig fields)
     seconds: float
     flops_steps: int
     eval_batches: int
@@ -106,9 +107,12 @@ class Scale:
 
 SCALES = {
     "tiny": Scale("tiny", 64, 12, dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-                                        num_attention_heads=4, num_key_value_heads=4), 120.0, 3000, 40),
-    "10m": Scale("10m", 256, 16, dict(hidden_size=320, intermediate_size=864, num_hidden_layers=8,
-                                       num_attention_heads=5, num_key_value_heads=5), 300.0, 600, 20),
+                                        num_attention_heads=4, num_key_value_heads=4),
+                  dict(num_unique_blocks=2, hidden_size=176), 120.0, 1500, 40),
+    "10m": Scale("10m", 128, 8, dict(hidden_size=320, intermediate_size=864, num_hidden_layers=8,
+                                      num_attention_heads=5, num_key_value_heads=5),
+                 dict(num_unique_blocks=4, hidden_size=448, num_attention_heads=7, num_key_value_heads=7),
+                 300.0, 300, 10),
 }
 
 
@@ -157,6 +161,16 @@ def hydra(scale: Scale, vocab: int, **over) -> HydraForCausalLM:
 
 
 CCGQA = dict(qk_conv_kernel_size=3, use_qk_mean=True, use_value_shift=True, partial_rotary_factor=0.5)
+LEAN = dict(use_value_shift=True, qk_conv_kernel_size=2, partial_rotary_factor=0.5)
+
+
+def with_key_temperature(model, value: float):
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.key_temperature.fill_(value)
+    return model
+
+
 # The dense start of the routing ablations (the best dense CCGQA row of the screen, see docs/results.md).
 BASE = dict(CCGQA)
 
@@ -190,12 +204,22 @@ ROWS = {
                     lambda s, v: hydra(s, v, **CCGQA, compression_factor=2, num_attention_heads=2,
                                        num_key_value_heads=2, fit_params=True)),
     "lean": ("Llama-like + value shift + seq conv 2 (no q-k mean), partial RoPE 0.5",
-             lambda s, v: hydra(s, v, use_value_shift=True, qk_conv_kernel_size=2, partial_rotary_factor=0.5)),
-    "lean_init01": ("lean with initializer_range 0.01",
-                    lambda s, v: hydra(s, v, use_value_shift=True, qk_conv_kernel_size=2, partial_rotary_factor=0.5,
-                                       initializer_range=0.01)),
-    "ccgqa_c1_init01": ("ccgqa_c1 with initializer_range 0.01",
-                        lambda s, v: hydra(s, v, **CCGQA, initializer_range=0.01)),
+             lambda s, v: hydra(s, v, **LEAN)),
+    "recipe": ("the tiny preset's recipe at this scale (lean, half the blocks, wider; FFN to equal params)",
+               lambda s, v: hydra(s, v, **LEAN, **s.recipe, fit_params=True)),
+    "lean_init01": ("lean with initializer_range 0.01", lambda s, v: hydra(s, v, **LEAN, initializer_range=0.01)),
+    "lean_init03": ("lean with initializer_range 0.03",
+                    lambda s, v: hydra(s, v, **LEAN, initializer_range=0.03)),
+    "lean_3blocks": ("lean with 3 blocks, hidden 144 (FFN re-spent to equal params): fewer ops per step",
+                     lambda s, v: hydra(s, v, **LEAN, num_unique_blocks=3, hidden_size=144, fit_params=True)),
+    "lean_2blocks": ("lean with 2 blocks, hidden 176 (FFN re-spent to equal params)",
+                     lambda s, v: hydra(s, v, **LEAN, num_unique_blocks=2, hidden_size=176, fit_params=True)),
+    "lean_3blocks_160": ("lean with 3 blocks, hidden 160 (FFN re-spent to equal params)",
+                         lambda s, v: hydra(s, v, **LEAN, num_unique_blocks=3, hidden_size=160, fit_params=True)),
+    "ccgqa_2blocks": ("ccgqa_c1 (seq conv 3, q-k mean, value shift) with 2 blocks, hidden 176, equal params",
+                      lambda s, v: hydra(s, v, **CCGQA, num_unique_blocks=2, hidden_size=176, fit_params=True)),
+    "lean_temp2": ("lean with the key temperature initialised at 2 (sharper attention from the start)",
+                   lambda s, v: with_key_temperature(hydra(s, v, **LEAN), 2.0)),
     # --- routing, one change at a time from BASE
     "mod_e2_c50": ("BASE + MoD every 2nd block, capacity 0.5", lambda s, v: base(s, v, **MOD)),
     "mod_e1_c50": ("BASE + MoD every block, capacity 0.5", lambda s, v: base(s, v, **dict(MOD, mod_every=1))),

@@ -34,6 +34,17 @@ _PRESETS = {
                num_key_value_heads=2, intermediate_size=7936),
     "1.5B": dict(hidden_size=2048, num_unique_blocks=22, mor_recursions=4, num_attention_heads=8,
                  num_key_value_heads=2, intermediate_size=9472),
+    # ~0.8M-parameter char-level models (vocab ~65, block 64): the best configuration of the quality
+    # benchmark (benchmarks/bench_quality.py, docs/results.md) against a 4 x 128 Llama with tied embeddings.
+    # Two wide blocks instead of four narrow ones (half the per-layer tensor ops, which is what a step
+    # costs at this size), MHA at C=1, the cheap CCGQA features only (value shift, a 2-tap causal conv
+    # on q/k, partial RoPE, L2 q/k norm + temperature); routing stays off because at this size it loses
+    # per unit of wall-clock (measured, docs/results.md). <= 1.05x the Llama's parameters for vocabularies
+    # up to ~1000 (the embedding is 176 wide against the Llama's 128).
+    "tiny": dict(hidden_size=176, num_unique_blocks=2, mor_recursions=1, num_attention_heads=4,
+                 num_key_value_heads=4, intermediate_size=480, compression_factor=1, qk_conv_kernel_size=2,
+                 qk_channel_conv_kernel_size=1, use_qk_mean=False, use_value_shift=True,
+                 partial_rotary_factor=0.5, tie_word_embeddings=True),
 }
 PRESET_NAMES = tuple(_PRESETS)
 
