@@ -356,6 +356,34 @@ def train_run(row: str, corpus: Corpus, scale: Scale, seed: int, mode: str, seco
     return res
 
 
+def step_times(rows: list[str], corpus: Corpus, scale: Scale, steps: int = 20, repeats: int = 3) -> dict:
+    """Milliseconds per training step of each row, measured round-robin in one process (row A's 20
+    steps, row B's 20 steps, ..., three times; best of three), so that the machine's load hits every
+    row alike and the ratios stay meaningful on a busy machine."""
+    models = {r: build(r, scale, corpus.vocab_size, 0) for r in rows}
+    opts = {r: torch.optim.AdamW(param_groups(m, 0.1), lr=1e-3, betas=(0.9, 0.99)) for r, m in models.items()}
+    gen = torch.Generator().manual_seed(0)
+
+    def step(r):
+        x = batch_at(corpus.train, scale.block, scale.batch, gen)
+        models[r](input_ids=x, labels=x).loss.backward()
+        torch.nn.utils.clip_grad_norm_(models[r].parameters(), 1.0)
+        opts[r].step()
+        opts[r].zero_grad(set_to_none=True)
+
+    for r in rows:
+        for _ in range(5):
+            step(r)
+    times = {r: [] for r in rows}
+    for _ in range(repeats):
+        for r in rows:
+            t = time.perf_counter()
+            for _ in range(steps):
+                step(r)
+            times[r].append((time.perf_counter() - t) / steps * 1e3)
+    return {r: min(v) for r, v in times.items()}
+
+
 # ----------------------------------------------------------------------------- report
 def summarize(results: list[RunResult], mode: str, tokens_per_step: int) -> list[dict]:
     rows = []
@@ -418,8 +446,9 @@ def main(argv=None):
     p.add_argument("--scale", choices=sorted(SCALES), default="tiny")
     p.add_argument("--rows", nargs="+", default=None, help=f"rows to run (default: all): {', '.join(ROWS)}")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--mode", choices=["wallclock", "flops", "both", "steps"], default="both",
-                   help="both = wallclock + flops; steps = every model trains --steps steps (per-step quality)")
+    p.add_argument("--mode", choices=["wallclock", "flops", "both", "steps", "speed"], default="both",
+                   help="both = wallclock + flops; steps = every model trains --steps steps (per-step quality); "
+                        "speed = only time training steps, round-robin, and print ms/step")
     p.add_argument("--steps", type=int, default=2000, help="steps per run in --mode steps")
     p.add_argument("--seconds", type=float, default=None, help="equal wall-clock budget per run (default by scale)")
     p.add_argument("--flops_steps", type=int, default=None,
@@ -446,6 +475,15 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     corpus = char_corpus(args.data) if args.scale == "tiny" else stdlib_bpe_corpus()
     tokens_per_step = scale.block * scale.batch
+    if args.mode == "speed":
+        ms = step_times(rows, corpus, scale)
+        print(f"\n{scale.name} scale, {args.threads} threads: ms per training step (best of 3 x 20, round-robin)")
+        print("| row | params | ms/step | vs Llama |")
+        print("|---|---|---|---|")
+        for r in rows:
+            n = sum(p.numel() for p in build(r, scale, corpus.vocab_size, 0).parameters())
+            print(f"| {r} | {n / 1e6:.3f}M | {ms[r]:.1f} | {ms[r] / ms['llama']:.2f} |")
+        return 0
     flops = {r: train_flops_per_step(build(r, scale, corpus.vocab_size, 0), corpus.vocab_size, scale.batch,
                                      scale.block) for r in rows}
     budget = flops["llama"] * (args.flops_steps or scale.flops_steps)
