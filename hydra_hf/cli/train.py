@@ -430,11 +430,11 @@ def make_training_args(cfg: dict, output_dir: str):
     return TrainingArguments(**targs)
 
 
-def build_callbacks(cfg: dict, tokenizer):
+def build_callbacks(cfg: dict, tokenizer, started_at: float | None = None):
     from ..training import (BestCheckpointCallback, HealthCallback, RoutingCurriculumCallback,
-                            RoutingMetricsCallback, SampleGenerationCallback)
+                            RoutingMetricsCallback, RunTotalsCallback, SampleGenerationCallback)
 
-    callbacks = [RoutingMetricsCallback(), BestCheckpointCallback()]
+    callbacks = [RoutingMetricsCallback(), BestCheckpointCallback(), RunTotalsCallback(started_at=started_at)]
     cur = dict(cfg["curriculum"])
     if cur.pop("enabled", True):
         callbacks.insert(0, RoutingCurriculumCallback(**cur))
@@ -485,7 +485,7 @@ def train(args) -> int:
     from transformers import AutoTokenizer, Trainer
 
     from .. import HydraForCausalLM
-    from ..training import add_callbacks, build_optimizer, build_scheduler
+    from ..training import RunTotalsCallback, add_callbacks, build_optimizer, build_scheduler
     from ..training.callbacks import unwrap
     from ..training.model_card import write_model_card
     from ..training.data import DataConfig, PackedCollator, build_datasets, load_mixture_yaml, load_or_train_tokenizer
@@ -556,10 +556,18 @@ def train(args) -> int:
         processing_class=tokenizer,
         optimizers=(optimizer, scheduler),
     )
-    add_callbacks(trainer, build_callbacks(cfg, tokenizer))
+    add_callbacks(trainer, build_callbacks(cfg, tokenizer, started_at=t_start))
 
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)
+    # whole-run figures (the Trainer's train_loss / train_runtime cover only this call after a resume)
+    run_totals = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, RunTotalsCallback))
+    run_totals.started_at = t_start  # a callback restored from a checkpoint was rebuilt inside train()
+    totals = run_totals.totals(metrics.get("train_loss"), trainer.state.global_step)
+    metrics["segment_train_loss"] = metrics.get("train_loss")
+    metrics["train_loss"] = totals["train_loss"]
+    metrics["segments"] = totals["segments"]
+    metrics["train_seconds"] = totals["train_seconds"]
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
     trainer.save_model(output_dir)
@@ -568,7 +576,8 @@ def train(args) -> int:
     with open(os.path.join(output_dir, "log_history.jsonl"), "w", encoding="utf-8") as f:
         for entry in trainer.state.log_history:
             f.write(json.dumps(entry) + "\n")
-    metrics["wall_clock_s"] = time.time() - t_start
+    metrics["segment_wall_clock_s"] = time.time() - t_start
+    metrics["wall_clock_s"] = run_totals.totals()["wall_clock_s"]
     metrics["num_parameters"] = n_params
     metrics["world_size"] = training_args.world_size
     metrics["best_metric"] = trainer.state.best_metric
@@ -578,7 +587,7 @@ def train(args) -> int:
             json.dump(metrics, f, indent=2)
         write_model_card(output_dir, unwrap(trainer.model).config, metrics, cfg,
                          model_name=training_args.hub_model_id)
-        print(f"\nhydra-train: done in {metrics['wall_clock_s']:.0f}s; final eval loss "
+        print(f"\nhydra-train: done in {metrics['segment_wall_clock_s']:.0f}s; final eval loss "
               f"{metrics.get('eval_loss', float('nan')):.4f}; model saved to {output_dir}")
         print(f"  try: hydra-generate {output_dir} --prompt 'def '   |   hydra-report {output_dir}")
     return 0
