@@ -32,7 +32,8 @@ setup(
         "tensorboard>=2.15",
         "tqdm>=4.0",
     ],
-    extras_require={"dev": ["pytest>=8.0"]},
+    # lm_eval: tests/test_evaluation.py runs the harness's `hf` model on HYDRA (docs/evaluation.md)
+    extras_require={"dev": ["pytest>=8.0", "lm_eval>=0.4.8"]},
     entry_points={
         "console_scripts": [
             "hydra-train=hydra_hf.cli.train:main",
