@@ -9,8 +9,9 @@ included - and that the loss does not depend on the number of processes:
     torchrun --nproc_per_node 2 examples/fsdp2_cpu.py --out two.json       # 2 processes, FSDP2, gloo
 
 Each step takes the same global batch (`--global_batch` sequences, split evenly over the processes), so
-the printed per-step losses agree up to float rounding. Every unique decoder block, every MoD / MoR
-router and MoE block, and the root (embeddings, tied lm_head, final norm) are FSDP2 units.
+the printed per-step losses agree up to float rounding. Every unique decoder block (called once per
+recursion) and every MoE block is an FSDP2 unit; the root unit holds the embeddings, the tied lm_head, the
+final norm and the routers.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ def shard(model: HydraForCausalLM) -> HydraForCausalLM:
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     inner = model.model
-    for module in [*inner.layers, *inner.mod_routers, *inner.mor_routers, *inner.moe_blocks]:
+    # routers are called through their own methods, not `forward`, so FSDP2's pre-forward all-gather would
+    # not run for them: they stay in the root unit, whose parameters are gathered for the whole forward
+    for module in [*inner.layers, *inner.moe_blocks]:
         fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
@@ -48,7 +51,7 @@ def shard(model: HydraForCausalLM) -> HydraForCausalLM:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--global_batch", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-2)
@@ -73,7 +76,10 @@ def main() -> None:
     per_rank = args.global_batch // world
     losses = []
     for step in range(args.steps):
-        batch = torch.randint(0, 97, (args.global_batch, args.seq_len), generator=data)
+        # learnable sequences: arithmetic progressions mod 97 with a random start and step per sequence
+        start = torch.randint(0, 97, (args.global_batch, 1), generator=data)
+        step_size = torch.randint(1, 4, (args.global_batch, 1), generator=data)
+        batch = (start + step_size * torch.arange(args.seq_len)) % 97
         local = batch[rank * per_rank:(rank + 1) * per_rank]
         out = model(input_ids=local, labels=local)
         out.loss.backward()  # FSDP2 reduce-scatters the mean of the ranks' gradients

@@ -3,6 +3,7 @@ on the batch size, and the custom offline tasks of `examples/lm_eval_tasks` (doc
 
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -108,3 +109,23 @@ def test_documented_cli_recipe_runs_the_custom_tasks_through_remote_code(saved, 
         for metric in ("acc,none", "acc_norm,none", "bits_per_byte,none", "word_perplexity,none"):
             if metric in results[task]:
                 assert cli[task][metric] == pytest.approx(results[task][metric], rel=1e-5), (task, metric)
+
+
+def test_perplexity_recipe_scores_every_token_once(saved):
+    """examples/perplexity.py (docs/evaluation.md): one window over a short document equals one full forward;
+    a long document in strided windows scores each of its tokens exactly once."""
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        from perplexity import document_nll
+    finally:
+        sys.path.pop(0)
+    _, model, tok = saved
+    ids = torch.tensor([tok.bos_token_id] + tok("".join(a + b for a, b in REQUESTS[:3]),
+                                                add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        logprobs = model(ids[None]).logits[0].float().log_softmax(-1)
+    full = -logprobs[:-1].gather(-1, ids[1:, None]).sum().item()
+    nll, count = document_nll(model, ids, max_length=len(ids), stride=len(ids))
+    assert count == len(ids) - 1 and nll == pytest.approx(full, rel=1e-5)
+    windowed, count = document_nll(model, ids, max_length=16, stride=5)
+    assert count == len(ids) - 1 and math.isfinite(windowed) and windowed != pytest.approx(full, rel=1e-6)
