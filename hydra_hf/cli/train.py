@@ -15,6 +15,10 @@ Sections: `model` (`preset` + any `HydraConfig` field), `tokenizer` (`name`: HF 
 (`RoutingCurriculumCallback` arguments; `enabled: false` to switch it off), `health` (`HealthCallback`),
 `samples` (`prompts`, `every_steps`, `max_new_tokens`), `gpu` (`liger`, `compile`).
 
+User errors (bad flag or value, unknown field, empty or unreadable data file, no checkpoint to resume) are
+checked before any tokenizer or data work and end with exit status 2 and a one-line message naming the value
+and what is allowed (`hydra_hf.cli.errors`); `--debug` shows the traceback.
+
 Output directory: `checkpoint-*/` (resumable with `--resume`), the final model (`model.safetensors`,
 `config.json`, tokenizer files), `run_config.yaml`, `log_history.jsonl`, `trainer_state.json`,
 `samples.jsonl`, `final_metrics.json`, and `README.md` (the Hub model card, see
