@@ -12,7 +12,8 @@ $(VENV)/.installed: setup.py
 install: $(VENV)/.installed
 
 # The main job: hydra-train with no arguments trains a small HYDRA on the embedded default corpus
-# (this Python's standard library source; ~7 min on 2 CPU cores), then writes the report and a sample.
+# (this Python's standard library source), then writes the report and a sample. Measured on 2 idle CPU cores from a
+# fresh clone, venv install included: 8 min 19 s, of which 377 s of training.
 RUN ?= hydra-run
 demo: $(VENV)/.installed
 	$(VENV)/bin/hydra-train --output_dir $(RUN)

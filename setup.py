@@ -8,7 +8,11 @@ setup(
     description="HYDRA (CCGQA latent attention + Mixture-of-Depths/Recursions/Experts) for Hugging Face transformers",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["hydra_hf", "hydra_hf.*"]),
+    packages=find_packages(include=["hydra_hf", "hydra_hf.*"]) + ["hydra_hf.model_cards"],
+    # the top-level model_cards/ folder (the card template hydra-train fills, one card per preset) ships as
+    # package data so that an installed hydra-train finds the template
+    package_dir={"hydra_hf.model_cards": "model_cards"},
+    package_data={"hydra_hf.model_cards": ["*.md"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -28,7 +32,8 @@ setup(
         "tensorboard>=2.15",
         "tqdm>=4.0",
     ],
-    extras_require={"dev": ["pytest>=8.0"]},
+    # lm_eval: tests/test_evaluation.py runs the harness's `hf` model on HYDRA (docs/evaluation.md)
+    extras_require={"dev": ["pytest>=8.0", "lm_eval>=0.4.8"]},
     entry_points={
         "console_scripts": [
             "hydra-train=hydra_hf.cli.train:main",

@@ -659,6 +659,9 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        # a tied lm_head is never saved; listing it lets the Trainer's resume re-tie it quietly instead of
+        # warning "There were missing keys in the checkpoint model loaded: ['lm_head.weight']"
+        self._keys_to_ignore_on_save = set(self._keys_to_ignore_on_save or ()) | set(self.all_tied_weights_keys)
 
     def get_input_embeddings(self):
         return self.model.embed_tokens

@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging as hf_logging
 
 import hydra_hf  # noqa: F401
 from hydra_hf.cli import generate as gen_cli
@@ -67,7 +69,10 @@ def test_train_writes_hub_model_card(trained):
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
     assert {"hydra", "custom_code", "mixture-of-depths", "mixture-of-recursions"} <= set(card.data.tags)
     assert f"| final eval loss | {metrics['eval_loss']:.4f} |" in card.text
-    assert f"| parameters | {metrics['num_parameters'] / 1e6:.2f}M |" in card.text
+    assert f"| parameters | {metrics['num_parameters'] / 1e6:.2f}M (input and output embeddings tied) |" in card.text
+    for section in ("## Architecture", "### KV cache per token", "## Training and results", "## Intended use",
+                    "## Limitations", "## How to train", "## How to load"):
+        assert section in card.text, section
     assert "| hidden size | 32 |" in card.text and "trust_remote_code=True" in card.text
 
 
@@ -78,11 +83,27 @@ def test_generate_cli_streams(trained, capsys):
 
 
 def test_resume_continues_from_checkpoint(trained):
-    rc = train_cli.main(["--output_dir", str(trained), "--resume", "--max_steps", "9"])
+    first = json.loads((trained / "final_metrics.json").read_text())
+    assert first["segments"] == 1 and first["train_loss"] == pytest.approx(first["segment_train_loss"])
+    with CaptureLogger(hf_logging.get_logger("transformers.trainer")) as trainer_log:
+        rc = train_cli.main(["--output_dir", str(trained), "--resume", "--max_steps", "9"])
     assert rc == 0
     state = json.loads((trained / "trainer_state.json").read_text())
     assert state["global_step"] == 9
     assert "RoutingCurriculumCallback" in state["stateful_callbacks"]
+    # the tied lm_head is re-tied quietly, not reported as a missing key
+    assert "missing keys" not in trainer_log.out
+    # whole-run figures: the mean over all 9 logged steps (logging_steps=1; logs round to 4 digits), both
+    # segments' wall clock, and the card says so
+    metrics = json.loads((trained / "final_metrics.json").read_text())
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    assert len(losses) == 9 and metrics["segments"] == 2
+    assert metrics["train_loss"] == pytest.approx(sum(losses) / 9, abs=2e-4)
+    assert metrics["segment_train_loss"] == pytest.approx(sum(losses[6:]) / 3, abs=2e-4)
+    assert metrics["wall_clock_s"] > metrics["segment_wall_clock_s"] + 0.5 * first["wall_clock_s"]
+    card = (trained / "README.md").read_text()
+    assert f"| mean train loss over the run | {metrics['train_loss']:.4f} |" in card
+    assert "2 segments, resumed 1 time" in card
 
 
 def test_report_renders_with_plots(trained):
@@ -95,6 +116,24 @@ def test_report_renders_with_plots(trained):
         p = trained / "report" / png
         assert p.is_file() and p.read_bytes()[:4] == b"\x89PNG", png
     assert report_cli.main([str(trained.parent / "missing")]) == 2
+
+
+def test_report_milestones_use_real_eval_steps_and_eval_mode_routing(tmp_path):
+    history = [{"step": i, "loss": 5.0 - 0.1 * i, "routing/mod_fraction/layer_1": 0.75,
+                "routing/mor_mean_depth/block_0": 1.5} for i in range(1, 11)]
+    history += [{"step": 4, "eval_loss": 4.44, "eval_routing/mod_fraction/layer_1": 0.61,
+                 "eval_routing/mor_mean_depth/block_0": 1.25},
+                {"step": 8, "eval_loss": 4.11, "eval_routing/mod_fraction/layer_1": 0.66,
+                 "eval_routing/mor_mean_depth/block_0": 1.375}]
+    (tmp_path / "log_history.jsonl").write_text("\n".join(json.dumps(h) for h in history))
+    text = open(report_cli.build_report(str(tmp_path))).read()
+    assert "| 10% | 1 | 4.9000 | - | - |" in text  # no eval had run by step 1
+    assert "| 50% | 5 | 4.5000 | 4.4400 | 4 |" in text
+    assert "| 75% | 7 | 4.3000 | 4.4400 | 4 |" in text  # the eval of step 8 had not run yet
+    assert "| 100% | 10 | 4.0000 | 4.1100 | 8 |" in text
+    assert "| 1 | 0.750 | 0.750 | 0.660 |" in text  # training (top-k) next to eval-mode fraction
+    assert "| block 0 | 1.50 |  | 1.38 |" in text
+    assert (tmp_path / "report" / "mod_fraction.png").is_file()
 
 
 def test_report_moe_table(tmp_path):
@@ -117,6 +156,67 @@ def test_set_errors_name_the_field():
     train_cli.apply_set(cfg, "hidden_size=48")
     train_cli.apply_set(cfg, "learning_rate=0.01")
     assert cfg["model"]["hidden_size"] == 48 and cfg["training"]["learning_rate"] == 0.01
+
+
+def _user_error(capsys, argv):
+    rc = train_cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and 1 <= len(err) <= 2, err
+    assert "Traceback" not in "\n".join(err)
+    return err[0]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--set", "training.max_steps=abc"], ["training.max_steps='abc'", "expected int"]),
+    (["--set", "training.eval_strategy=sometimes"], ["'sometimes'", "allowed: no, steps, epoch"]),
+    (["--set", "optimizer.name=sgd"], ["'sgd'", "allowed: adamw"]),
+    (["--set", "training.learnin_rate=0.1"], ["training.learnin_rate", "did you mean learning_rate"]),
+    (["--set", "model.hidden_size=100"], ["num_attention_heads (4)", "25"]),
+    (["--set", "curriculum.mod_loss_gat=3"], ["curriculum.mod_loss_gat", "mod_loss_gate"]),
+    (["--data", "no_such_file.txt"], ["'no_such_file.txt'", "no such file"]),
+    (["--preset", "3B"], ["invalid choice: '3B'", "1.5B"]),
+    (["--resume"], ["--resume", "no checkpoint"]),
+])
+def test_cli_user_errors_exit_2_with_a_short_message(tmp_path, capsys, argv, expected):
+    out = tmp_path / "out"
+    if argv[0] == "--preset":
+        with pytest.raises(SystemExit) as exc:
+            train_cli.main(["--output_dir", str(out), *argv])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 2
+        message = err[0]
+    else:
+        message = _user_error(capsys, ["--output_dir", str(out), *argv])
+    assert message.startswith("hydra-train: error: ")
+    for text in expected:
+        assert text in message, message
+    assert not (out / "tokenizer").exists()  # failed before any tokenizer training
+
+
+def test_cli_empty_or_unreadable_data_says_so(tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("")
+    message = _user_error(capsys, ["--output_dir", str(tmp_path / "o"), "--data", str(tmp_path / "empty.jsonl")])
+    assert "empty.jsonl" in message and "is empty" in message
+    (tmp_path / "body.jsonl").write_text('{"body": "x"}\n')
+    message = _user_error(capsys, ["--output_dir", str(tmp_path / "o"), "--data", str(tmp_path / "body.jsonl")])
+    assert "no 'text' field" in message and "['body']" in message
+    folder = tmp_path / "nothing"
+    folder.mkdir()
+    message = _user_error(capsys, ["--output_dir", str(tmp_path / "o"), "--data", str(folder)])
+    assert "matches no file" in message
+    if os.geteuid() != 0:  # root reads any file
+        locked = tmp_path / "locked.txt"
+        locked.write_text("text")
+        locked.chmod(0)
+        assert "cannot read" in _user_error(capsys, ["--output_dir", str(tmp_path / "o"), "--data", str(locked)])
+
+
+def test_cli_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(ValueError, match="training.max_steps='abc'"):
+        train_cli.main(["--output_dir", str(tmp_path), "--set", "training.max_steps=abc", "--debug"])
+    assert gen_cli.main([str(tmp_path / "nope")]) == 2
+    assert report_cli.main([str(tmp_path / "nope")]) == 2
 
 
 def test_accelerate_two_process_cpu(tmp_path, corpus):

@@ -10,12 +10,13 @@ balance table; plus `loss.png` (train + eval loss), `lr.png`, `grad_norm.png`, `
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
 import re
 import sys
+
+from .errors import ArgumentParser, UsageError, run_cli
 
 
 def load_history(run_dir: str) -> list[dict]:
@@ -112,15 +113,17 @@ def build_report(run_dir: str, out_dir: str | None = None) -> str:
     lines.append("")
 
     if loss:
-        lines += ["## Loss at milestones", "", "| Progress | Step | Train loss | Eval loss |", "|---|---|---|---|"]
+        lines += ["## Loss at milestones", "",
+                  "Train loss at the logged step nearest to each milestone; eval loss of the last evaluation at "
+                  "or before that step, with the step it ran at.", "",
+                  "| Progress | Step | Train loss | Eval loss | Eval step |", "|---|---|---|---|---|"]
         for frac in (0.1, 0.25, 0.5, 0.75, 1.0):
             target = frac * max_step
             i = min(range(len(steps)), key=lambda j: abs(steps[j] - target))
-            ev = None
-            if esteps:
-                k = min(range(len(esteps)), key=lambda j: abs(esteps[j] - target))
-                ev = eloss[k]
-            lines.append(f"| {int(frac * 100)}% | {steps[i]} | {_fmt(loss[i])} | {_fmt(ev)} |")
+            done = [k for k in range(len(esteps)) if esteps[k] <= steps[i]]
+            ev, estep = (eloss[done[-1]], esteps[done[-1]]) if done else (None, None)
+            lines.append(f"| {int(frac * 100)}% | {steps[i]} | {_fmt(loss[i])} | {_fmt(ev)} | "
+                         f"{'-' if estep is None else estep} |")
         lines.append("")
 
     # MoD
@@ -128,10 +131,15 @@ def build_report(run_dir: str, out_dir: str | None = None) -> str:
                       key=lambda k: _num(k, r"layer_(\d+)$"))
     lines += ["## Mixture-of-Depths", ""]
     if mod_keys:
-        lines += ["| Layer | Selected fraction (last) | Mean over run |", "|---|---|---|"]
+        lines += ["Training fraction: top-k selection (pinned near the capacity while MoD is on). Eval mode: the "
+                  "causal rule (router logit > 0) that generation uses, measured on the last eval batch.", "",
+                  "| Layer | Training fraction (last) | Training mean over run | Eval-mode fraction (last eval) |",
+                  "|---|---|---|---|"]
         for k in mod_keys:
             _, ys = series(history, k)
-            lines.append(f"| {_num(k, LAYER_RE)} | {ys[-1]:.3f} | {sum(ys) / len(ys):.3f} |")
+            _, eys = series(history, "eval_" + k)
+            lines.append(f"| {_num(k, LAYER_RE)} | {ys[-1]:.3f} | {sum(ys) / len(ys):.3f} | "
+                         f"{_fmt(eys[-1] if eys else None, 3)} |")
     else:
         lines.append("No MoD statistics were logged (model built without MoD, or no RoutingMetricsCallback).")
     lines.append("")
@@ -142,15 +150,16 @@ def build_report(run_dir: str, out_dir: str | None = None) -> str:
                         key=lambda k: _num(k, r"block_(\d+)$"))
     last = last_values(history, "routing/mor_depth_hist/")
     if depth_keys:
-        lines += ["| Layer | Avg depth | Depth histogram |", "|---|---|---|"]
+        lines += ["| Layer | Avg depth | Depth histogram | Eval-mode avg depth (last eval) |", "|---|---|---|---|"]
         for k in depth_keys:
             b = _num(k, r"block_(\d+)$")
             _, ys = series(history, k)
+            _, eys = series(history, "eval_" + k)
             hist = sorted(((int(_num(h, r"depth_(\d+)$")), v) for h, v in last.items()
                            if h.startswith(f"routing/mor_depth_hist/block_{b}/")))
             text = " · ".join(f"d{d}: {'█' * int(round(v * 10))}{'░' * (10 - int(round(v * 10)))} {v * 100:.0f}%"
                               for d, v in hist)
-            lines.append(f"| block {b} | {ys[-1]:.2f} | {text} |")
+            lines.append(f"| block {b} | {ys[-1]:.2f} | {text} | {_fmt(eys[-1] if eys else None, 2)} |")
     else:
         lines.append("No MoR statistics were logged.")
     lines.append("")
@@ -208,14 +217,20 @@ def build_report(run_dir: str, out_dir: str | None = None) -> str:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         for k in mod_keys:
             xs, ys = series(history, k)
-            ax.plot(xs, ys, label=f"layer {_num(k, LAYER_RE)}")
+            line, = ax.plot(xs, ys, label=f"layer {_num(k, LAYER_RE)} training (top-k)")
+            exs, eys = series(history, "eval_" + k)
+            if eys:
+                ax.plot(exs, eys, "o--", color=line.get_color(), label=f"layer {_num(k, LAYER_RE)} eval mode")
         ax.set_xlabel("step"), ax.set_ylabel("MoD selected fraction"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
-        save(fig, "mod_fraction.png", "MoD selected fraction per layer")
+        save(fig, "mod_fraction.png", "MoD selected fraction per layer: training (top-k) and eval mode (causal rule)")
     if depth_keys:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
         for k in depth_keys:
             xs, ys = series(history, k)
-            axes[0].plot(xs, ys, label=f"block {_num(k, BLOCK_RE)}")
+            line, = axes[0].plot(xs, ys, label=f"block {_num(k, BLOCK_RE)} training")
+            exs, eys = series(history, "eval_" + k)
+            if eys:
+                axes[0].plot(exs, eys, "o--", color=line.get_color(), label=f"block {_num(k, BLOCK_RE)} eval mode")
         axes[0].set_xlabel("step"), axes[0].set_ylabel("mean depth"), axes[0].legend(fontsize=7)
         blocks = [_num(k, r"block_(\d+)$") for k in depth_keys]
         bottom = [0.0] * len(blocks)
@@ -258,17 +273,21 @@ def build_report(run_dir: str, out_dir: str | None = None) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="hydra-report", description="Markdown report + PNG plots of a HYDRA run.")
+    p = ArgumentParser(prog="hydra-report", description="Markdown report + PNG plots of a HYDRA run.")
     p.add_argument("run_dir", help="hydra-train --output_dir (or any Trainer output_dir)")
     p.add_argument("--out", help="where to write report.md and the plots (default RUN_DIR/report)")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of a user error")
     args = p.parse_args(argv)
-    try:
-        path = build_report(args.run_dir, args.out)
-    except FileNotFoundError as exc:
-        print(f"hydra-report: {exc}", file=sys.stderr)
-        return 2
-    print(f"hydra-report: wrote {path}")
-    return 0
+
+    def body():
+        try:
+            path = build_report(args.run_dir, args.out)
+        except FileNotFoundError as exc:
+            raise UsageError(str(exc)) from exc
+        print(f"hydra-report: wrote {path}")
+        return 0
+
+    return run_cli("hydra-report", body, debug=args.debug)
 
 
 if __name__ == "__main__":

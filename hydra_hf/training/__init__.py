@@ -17,6 +17,7 @@ from .callbacks import (
     add_callbacks,
     flatten_numbers,
 )
+from .run_totals import RunTotalsCallback
 from .optim import OPTIMIZERS, SCHEDULES, Lion, MultiOptimizer, build_optimizer, build_scheduler, param_groups
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "LossProbe",
     "RoutingCurriculumCallback",
     "RoutingMetricsCallback",
+    "RunTotalsCallback",
     "SampleGenerationCallback",
     "add_callbacks",
     "flatten_numbers",

@@ -168,6 +168,46 @@ def _local_files(path: str) -> list[str]:
     return files
 
 
+def check_source(source: dict) -> None:
+    """Cheap checks of a local source before any tokenizer or `datasets` work: its files exist, can be read
+    and are not all empty; the first record of a `.jsonl` file is a JSON object with the text field.
+    Raises `FileNotFoundError` / `ValueError` naming the source. Hub and stdlib sources are not checked."""
+    source = normalise_source(source)
+    if not source.get("path"):
+        return
+    path = source["path"]
+    files = _local_files(path)
+    builder = _builder_for(files)
+    sizes = {}
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                head = fh.read(1 << 16)
+        except OSError as exc:
+            raise ValueError(f"data source {path!r}: cannot read {f!r} ({exc.strerror or exc})") from exc
+        sizes[f] = (os.path.getsize(f), head)
+    if all(size == 0 or not head.strip() for size, head in sizes.values()):
+        what = f"file {files[0]!r} is" if len(files) == 1 else f"all {len(files)} files are"
+        raise ValueError(f"data source {path!r}: {what} empty; it has no text to train on")
+    if builder == "json":
+        import json
+
+        field_name = source.get("text_field", "text")
+        for f, (size, head) in sizes.items():
+            if not f.endswith(".jsonl") or not head.strip():
+                continue
+            line = head.strip().splitlines()[0]
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"data source {f!r}: its first line is not a JSON object ({exc})") from exc
+            if not isinstance(record, dict) or field_name not in record:
+                fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise ValueError(f"data source {f!r}: the first record has no {field_name!r} field "
+                                 f"(fields: {fields}); set text_field")
+            break
+
+
 def _builder_for(files: list[str]) -> str:
     exts = {os.path.splitext(f)[1].lower() for f in files}
     if exts <= set(TEXT_EXTENSIONS) or exts <= {""} | set(TEXT_EXTENSIONS):
@@ -199,7 +239,12 @@ def load_source_dataset(source: dict):
         ds = datasets.load_dataset(source["name"], source.get("config"), split=source.get("split", "train"),
                                    streaming=streaming, data_dir=source.get("data_dir"))
     text_field = source.get("text_field", "text")
-    columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
+    columns = ds.column_names
+    if columns is None:  # an IterableDataset of unknown features: read them from the first record
+        first = next(iter(ds), None)
+        if first is None:
+            raise ValueError(f"data source {source.get('path') or source.get('name')!r} has no records")
+        columns = list(first.keys())
     if text_field not in columns:
         raise ValueError(f"data source {source.get('path') or source.get('name')!r} has no column "
                          f"{text_field!r} (columns: {columns}); set text_field")
@@ -390,6 +435,7 @@ __all__ = [
     "PackedCollator",
     "build_char_tokenizer",
     "build_datasets",
+    "check_source",
     "load_mixture_yaml",
     "load_or_train_tokenizer",
     "load_source_dataset",
