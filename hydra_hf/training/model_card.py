@@ -216,7 +216,7 @@ def build_preset_card(preset: str, **overrides) -> ModelCard:
             "of a few hundred thousand characters sooner than a Llama would (watch the validation loss).",
         ] + COMMON_LIMITS
         command = (f"hydra-train --preset {preset} --output_dir {name} --data my_corpus.txt --tokenizer char "
-                   "\\\n  --block_size 64 --set model.max_position_embeddings=64")
+                   "\\\n  --block_size 64 --set model.max_position_embeddings=64 --set mod_enabled=false --set mor_enabled=false")
     return _render(config, f"HYDRA {preset}", num_parameters, results=None, intended_use=intended, limits=limits,
                    train_command=command, repo_id=f"<user>/{name}")
 
