@@ -58,6 +58,15 @@ def interpret_requested() -> bool:
 
 KERNEL_BACKENDS = ("auto", "triton", "liger", "torch")
 
+# The largest sizes our Triton kernels are built and compile-checked for (``hydra_hf/ops/aot_compile.py``,
+# ``tests/test_ops_compile.py``: no spills and shared memory within sm_80 / sm_90 at these edges).
+TRITON_LIMITS = {
+    "qk_conv_kernel_size": 4,  # causal_conv: Ks
+    "qk_channel_conv_kernel_size": 2,  # causal_conv: Kc
+    "latent_head_dim": 64,  # causal_conv / qk_norm_rope: h
+    "hidden_size": 8192,  # rms_norm: one row per program
+}
+
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map a configured backend to the one that runs on ``device``."""

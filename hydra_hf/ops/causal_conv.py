@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._triton_lang import fsum
-from ._triton_utils import dot_precision, interpret_requested, is_interpreted_kernel, next_pow2
+from ._triton_utils import dot_precision, interpret_requested, is_interpreted_kernel, launch, next_pow2
 from ..ops_reference_hydra import causal_conv_state_len
 
 
@@ -228,7 +228,7 @@ def causal_conv_fwd(x, seq_weight, chan_weight, num_heads, state=None):
     BLOCK_T, BLOCK_H = _block_sizes(h)
     has_state = state is not None and P > 0
     grid = (B, triton.cdiv(T, BLOCK_T), num_heads)
-    _causal_conv_fwd_kernel[grid](
+    launch(_causal_conv_fwd_kernel, grid,
         x, state if has_state else x, seq_weight, chan_weight, out, T, C, h,
         KS=Ks, KC=Kc, P=P, HAS_STATE=has_state, BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H,
         DOT_PREC=dot_precision(x.dtype), num_warps=4,
@@ -261,7 +261,7 @@ def causal_conv_bwd(x, seq_weight, chan_weight, num_heads, state, grad_out, stat
     gws_part = torch.empty(B * n_chunks, C, Ks, device=x.device, dtype=torch.float32)
     gwc_part = torch.empty(B * n_chunks, C, h, Kc, device=x.device, dtype=torch.float32)
     grid = (B, n_chunks, num_heads)
-    _causal_conv_bwd_kernel[grid](
+    launch(_causal_conv_bwd_kernel, grid,
         x, state if has_state else x, seq_weight, chan_weight, grad_out, grad_x,
         grad_state if state_grad else grad_x, gws_part, gwc_part,
         T, C, h, p_start, T, tiles_per_chunk * BLOCK_T,

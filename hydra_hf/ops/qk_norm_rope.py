@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._triton_lang import fsum
-from ._triton_utils import is_interpreted_kernel, next_pow2
+from ._triton_utils import is_interpreted_kernel, launch, next_pow2
 
 
 @triton.jit
@@ -186,7 +186,7 @@ class QKNormRopeFunction(torch.autograd.Function):
         k_out = torch.empty(k.shape, device=k.device, dtype=q.dtype)  # (B, T, Hk, h), q's dtype like the reference
         meta = dict(BLOCK_HQ=next_pow2(Hq), BLOCK_HK=next_pow2(Hk), BLOCK_D=next_pow2(h))
         if B * T > 0:
-            _qk_norm_rope_fwd_kernel[(B * T,)](
+            launch(_qk_norm_rope_fwd_kernel, (B * T,),
                 q, k, q_mean if has_mean else q, k_mean if has_mean else k, temperature, cos, sin, q_out, k_out,
                 T, sb, st, Hq, Hk, h, r, float(h) ** 0.5, eps, HAS_MEAN=has_mean, num_warps=2, **meta,
             )
@@ -217,7 +217,7 @@ class QKNormRopeFunction(torch.autograd.Function):
         gtemp_part = torch.empty(B * T, Hk, device=q.device, dtype=torch.float32)  # per-token partial sums
         sb, st = ctx.cs_strides
         if B * T > 0:
-            _qk_norm_rope_bwd_kernel[(B * T,)](
+            launch(_qk_norm_rope_bwd_kernel, (B * T,),
                 q, k, q_mean if has_mean else q, k_mean if has_mean else k, temperature, cos, sin,
                 grad_q_out, grad_k_out, gq, gk, gqm if qm_grad else gq, gkm if km_grad else gk, gtemp_part,
                 T, sb, st, Hq, Hk, h, cos.shape[-1], float(h) ** 0.5, ctx.eps,

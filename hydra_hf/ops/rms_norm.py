@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._triton_lang import fsum
-from ._triton_utils import is_interpreted_kernel, next_pow2
+from ._triton_utils import is_interpreted_kernel, launch, next_pow2
 
 
 @triton.jit
@@ -79,7 +79,7 @@ class RMSNormFunction(torch.autograd.Function):
         y = torch.empty(x2.shape, device=x.device, dtype=out_dtype)  # (N, E)
         BLOCK_E = next_pow2(E)
         if x2.shape[0] > 0:
-            _rms_norm_fwd_kernel[(x2.shape[0],)](x2, weight, y, E, eps, BLOCK_E=BLOCK_E, num_warps=_num_warps(BLOCK_E))
+            launch(_rms_norm_fwd_kernel, (x2.shape[0],), x2, weight, y, E, eps, BLOCK_E=BLOCK_E, num_warps=_num_warps(BLOCK_E))
         ctx.save_for_backward(x2, weight)
         ctx.eps = eps
         ctx.shape = shape
@@ -94,7 +94,7 @@ class RMSNormFunction(torch.autograd.Function):
         gw_part = torch.empty(N, E, device=x2.device, dtype=torch.float32)
         BLOCK_E = next_pow2(E)
         if N > 0:
-            _rms_norm_bwd_kernel[(N,)](x2, weight, gy, gx, gw_part, E, ctx.eps, BLOCK_E=BLOCK_E, num_warps=_num_warps(BLOCK_E))
+            launch(_rms_norm_bwd_kernel, (N,), x2, weight, gy, gx, gw_part, E, ctx.eps, BLOCK_E=BLOCK_E, num_warps=_num_warps(BLOCK_E))
         gw = gw_part.sum(0).to(weight.dtype)  # (E,)
         return gx.view(ctx.shape), gw, None
 
