@@ -336,7 +336,8 @@ def compile_launch(spec: Spec, target: str) -> CompileResult:
 
     arch = TARGETS[target]
     launch = spec.launch
-    constexprs = {k: v for k, v in launch.meta.items() if k not in ("num_warps", "num_stages")}
+    constexprs = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                  for k, v in launch.meta.items() if k not in ("num_warps", "num_stages")}
     res = CompileResult(spec.kernel, spec.module, target, spec.labels, constexprs, launch.meta.get("num_warps", 4),
                         ok=False, grid=launch.grid)
     try:
