@@ -19,6 +19,18 @@ def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+_sm_count_override: int | None = None  # set by models of a GPU launch (benchmarks/bench_kernels.py --model)
+
+
+def sm_count(t: torch.Tensor) -> int | None:
+    """Streaming multiprocessors of ``t``'s GPU (launchers size their grids from it); None off-GPU."""
+    if _sm_count_override is not None:
+        return _sm_count_override
+    if t.is_cuda:
+        return torch.cuda.get_device_properties(t.device).multi_processor_count
+    return None
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` precision: exact fp32 for fp32 tensors, tf32 is below the rounding of half inputs."""
     return "ieee" if dtype == torch.float32 else "tf32"

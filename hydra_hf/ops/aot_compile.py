@@ -110,16 +110,17 @@ def default_configs() -> dict[str, KernelShapes]:
                 cfg = HydraConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
                                   compression_factor=cf, qk_conv_kernel_size=ks, qk_channel_conv_kernel_size=kc)
                 out[f"tiny-cf{cf}-ks{ks}-kc{kc}"] = kernel_shapes(cfg)
+    # the supported edge: largest conv kernels at the largest head dim and the largest latent width / hidden size
     h = TRITON_LIMITS["latent_head_dim"]
-    edge = HydraConfig(
-        hidden_size=h * 4, intermediate_size=4 * h, num_attention_heads=4, num_key_value_heads=4, compression_factor=1,
-        qk_conv_kernel_size=TRITON_LIMITS["qk_conv_kernel_size"],
-        qk_channel_conv_kernel_size=TRITON_LIMITS["qk_channel_conv_kernel_size"],
-    )
-    out[f"edge-h{h}"] = kernel_shapes(edge)
-    wide = HydraConfig(hidden_size=TRITON_LIMITS["hidden_size"], intermediate_size=256, num_attention_heads=8,
-                       num_key_value_heads=2)
-    out[f"edge-hidden{wide.hidden_size}"] = kernel_shapes(wide)
+    heads = TRITON_LIMITS["latent_size"] // h
+    conv = HydraConfig(hidden_size=TRITON_LIMITS["latent_size"], intermediate_size=256, num_attention_heads=heads,
+                       num_key_value_heads=heads, compression_factor=1,
+                       qk_conv_kernel_size=TRITON_LIMITS["qk_conv_kernel_size"],
+                       qk_channel_conv_kernel_size=TRITON_LIMITS["qk_channel_conv_kernel_size"])
+    out["edge-conv"] = kernel_shapes(conv)
+    wide = HydraConfig(hidden_size=TRITON_LIMITS["hidden_size"], intermediate_size=256, num_attention_heads=heads,
+                       num_key_value_heads=heads // 4, compression_factor=TRITON_LIMITS["hidden_size"] // (heads * h))
+    out["edge-hidden"] = kernel_shapes(wide)
     return out
 
 
@@ -365,9 +366,16 @@ def compile_launch(spec: Spec, target: str) -> CompileResult:
     return res
 
 
-def _compile_shard(index: int, count: int, targets: list[str]) -> list[dict]:
+def ci_configs() -> dict[str, KernelShapes]:
+    """The CI subset of ``default_configs``: every preset, the two edges and the largest ``tiny``
+    (Ks = 4, Kc = 2). The other ``tiny`` conv-kernel pairs only add smaller unrolled loops of the
+    same kernels; ``python -m hydra_hf.ops.aot_compile --all`` compiles them too."""
+    return {k: v for k, v in default_configs().items() if not k.startswith("tiny") or k == "tiny-cf2-ks4-kc2"}
+
+
+def _compile_shard(index: int, count: int, targets: list[str], full: bool) -> list[dict]:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    specs = _ordered(enumerate_launches())
+    specs = _ordered(enumerate_launches(default_configs() if full else ci_configs()))
     out = []
     for spec in specs[index::count]:
         for target in targets:
@@ -381,7 +389,7 @@ def _ordered(specs: list[Spec]) -> list[Spec]:
     return sorted(specs, key=lambda s: (weight.get(s.kernel, 2), s.key))
 
 
-def compile_all(jobs: int | None = None, targets: Iterable[str] = tuple(TARGETS)) -> list[CompileResult]:
+def compile_all(jobs: int | None = None, targets: Iterable[str] = tuple(TARGETS), full: bool = False) -> list[CompileResult]:
     """Enumerate and compile every specialization for every target, in ``jobs`` fresh worker processes.
 
     The workers run ``python -m hydra_hf.ops.aot_compile --shard i/n`` with ``TRITON_INTERPRET``
@@ -395,7 +403,7 @@ def compile_all(jobs: int | None = None, targets: Iterable[str] = tuple(TARGETS)
     targets = list(targets)
     procs = [
         subprocess.Popen([sys.executable, "-m", "hydra_hf.ops.aot_compile", "--shard", f"{i}/{jobs}",
-                          "--targets", *targets], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          "--targets", *targets, *(["--all"] if full else [])], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(jobs)
     ]
     results = []
@@ -428,12 +436,13 @@ def main(argv=None) -> int:
     p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     p.add_argument("--jobs", type=int, default=None)
     p.add_argument("--verbose", action="store_true", help="one line per compiled specialization")
+    p.add_argument("--all", action="store_true", help="every tiny conv-kernel pair too (default: the CI subset)")
     args = p.parse_args(argv)
     if args.shard:
         i, n = (int(v) for v in args.shard.split("/"))
-        json.dump(_compile_shard(i, n, args.targets), sys.stdout)
+        json.dump(_compile_shard(i, n, args.targets, args.all), sys.stdout)
         return 0
-    results = compile_all(args.jobs, args.targets)
+    results = compile_all(args.jobs, args.targets, args.all)
     if args.verbose:
         for r in sorted(results, key=lambda r: (r.kernel, r.target, str(r.constexprs))):
             print(f"{r.target} {r.kernel:28s} warps={r.num_warps} regs={r.registers:3d} spill={r.spill_bytes:6d} "

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._triton_lang import fsum
-from ._triton_utils import dot_precision, interpret_requested, is_interpreted_kernel, launch, next_pow2
+from ._triton_utils import dot_precision, interpret_requested, is_interpreted_kernel, launch, next_pow2, sm_count
 from ..ops_reference_hydra import causal_conv_state_len
 
 
@@ -327,10 +327,10 @@ def _chunks(x, n_pos: int, block_t: int, programs_per_chunk: int) -> tuple[int, 
     On a GPU about 4 programs per SM in total; in the interpreter one chunk (it pays per program).
     """
     n_tiles = triton.cdiv(n_pos, block_t)
-    if interpret_requested() or not x.is_cuda:
+    sms = sm_count(x)
+    if interpret_requested() or sms is None:
         n_chunks = 1
     else:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
         n_chunks = max(1, min(n_tiles, (4 * sms) // max(1, programs_per_chunk)))
     tiles_per_chunk = triton.cdiv(n_tiles, n_chunks)
     return triton.cdiv(n_tiles, tiles_per_chunk), tiles_per_chunk * block_t

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ._triton_lang import fsum
-from ._triton_utils import is_interpreted_kernel, launch, next_pow2
+from ._triton_utils import is_interpreted_kernel, launch, next_pow2, sm_count
 
 
 @triton.jit
@@ -78,8 +78,9 @@ def _num_warps(block_e: int) -> int:
 def _bwd_programs(x: torch.Tensor, n_rows: int) -> int:
     """Backward programs: a few per SM on a GPU (each sums its rows' weight-gradient terms), 1 per
     16 rows in the interpreter. The (programs, E) fp32 partials replace an (N, E) buffer."""
-    if x.is_cuda:
-        return max(1, min(n_rows, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count))
+    sms = sm_count(x)
+    if sms is not None:
+        return max(1, min(n_rows, 4 * sms))
     return max(1, min(n_rows, triton.cdiv(n_rows, 16)))
 
 
