@@ -50,7 +50,7 @@ def _mid_tile(
 ):
     """Sequence-conv output at x-times ``offs_t + shift``: (BLOCK_T, BLOCK_H) fp32."""
     mid = tl.full((BLOCK_T, BLOCK_H), 0.0, tl.float32)
-    for i in tl.static_range(KS):
+    for i in range(KS):
         w_i = tl.load(ws_ptr + ch * KS + i, mask=mask_c, other=0.0).to(tl.float32)  # (BLOCK_H,)
         src_t = offs_t + shift + i - (KS - 1)
         mid += _load_xp(x_ptr, state_ptr, b, src_t, ch, mask_c, T, C, P, HAS_STATE) * w_i[None, :]
@@ -91,7 +91,7 @@ def _causal_conv_fwd_kernel(
     offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
     wmask = mask_c[:, None] & mask_o[None, :]
     acc = tl.full((BLOCK_T, BLOCK_D), 0.0, tl.float32)
-    for j in tl.static_range(KC):
+    for j in range(KC):
         mid = _mid_tile(x_ptr, state_ptr, ws_ptr, b, offs_t, j - (KC - 1), ch, mask_c, T, C,
                         KS, P, HAS_STATE, BLOCK_T, BLOCK_H)  # (BLOCK_T, BLOCK_H[d])
         # wT[d, c] = wc[g*h + c, d, j]
@@ -156,9 +156,9 @@ def _causal_conv_bwd_dx_kernel(
         # gmid(u)[d] = sum_j sum_c gout(u + KC-1-j)[c] * wc[c, d, j]
         xp = _load_xp(x_ptr, state_ptr, b, offs_p, ch_d, mask_d, T, C, P, HAS_STATE)  # (BLOCK_T, BLOCK_D)
         gxp = tl.full((BLOCK_T, BLOCK_D), 0.0, tl.float32)
-        for i in tl.static_range(KS):
+        for i in range(KS):
             gmid = tl.full((BLOCK_T, BLOCK_D), 0.0, tl.float32)
-            for j in tl.static_range(KC):
+            for j in range(KC):
                 src_t = offs_p + (KS - 1 - i) + (KC - 1 - j)
                 m = (src_t >= 0) & (src_t < T)
                 s_off = src_t[:, None] * C + ch[None, :]
