@@ -71,6 +71,7 @@ SCENARIOS = {  # name -> (T, backward, conv state)
     "ragged": (1000, True, False),
     "decode": (1, False, True),
 }
+CI_SCENARIOS = ("train", "decode")
 KERNEL_MODULES = ("causal_conv", "qk_norm_rope", "rms_norm", "routing_gather", "moe_permute")
 
 
@@ -368,14 +369,20 @@ def compile_launch(spec: Spec, target: str) -> CompileResult:
 
 def ci_configs() -> dict[str, KernelShapes]:
     """The CI subset of ``default_configs``: every preset, the two edges and the largest ``tiny``
-    (Ks = 4, Kc = 2). The other ``tiny`` conv-kernel pairs only add smaller unrolled loops of the
-    same kernels; ``python -m hydra_hf.ops.aot_compile --all`` compiles them too."""
+    (Ks = 4, Kc = 2), with the ``CI_SCENARIOS``. The other ``tiny`` conv-kernel pairs (shorter tap
+    loops of the same kernels) and the ragged scenario (integer arguments not divisible by 16) add
+    specializations that differ only there; ``python -m hydra_hf.ops.aot_compile --all`` compiles
+    them too."""
     return {k: v for k, v in default_configs().items() if not k.startswith("tiny") or k == "tiny-cf2-ks4-kc2"}
 
 
 def _compile_shard(index: int, count: int, targets: list[str], full: bool) -> list[dict]:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    specs = _ordered(enumerate_launches(default_configs() if full else ci_configs()))
+    if full:
+        specs = enumerate_launches(default_configs())
+    else:
+        specs = enumerate_launches(ci_configs(), scenarios=CI_SCENARIOS)
+    specs = _ordered(specs)
     out = []
     for spec in specs[index::count]:
         for target in targets:
@@ -436,7 +443,8 @@ def main(argv=None) -> int:
     p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     p.add_argument("--jobs", type=int, default=None)
     p.add_argument("--verbose", action="store_true", help="one line per compiled specialization")
-    p.add_argument("--all", action="store_true", help="every tiny conv-kernel pair too (default: the CI subset)")
+    p.add_argument("--all", action="store_true",
+                   help="every tiny conv-kernel pair and the ragged scenario too (default: the CI subset)")
     args = p.parse_args(argv)
     if args.shard:
         i, n = (int(v) for v in args.shard.split("/"))
