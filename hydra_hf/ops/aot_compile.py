@@ -72,7 +72,6 @@ SCENARIOS = {  # name -> (T, backward, conv state)
     "decode": (1, False, True),
 }
 CI_SCENARIOS = ("train", "decode")
-KERNEL_MODULES = ("causal_conv", "qk_norm_rope", "rms_norm", "routing_gather", "moe_permute")
 
 
 # ---------------------------------------------------------------- shapes from configs
