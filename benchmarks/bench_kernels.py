@@ -405,7 +405,16 @@ def main(argv=None) -> int:
     p.add_argument("--rep", type=int, default=100, help="do_bench repetitions (ms)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) column")
     p.add_argument("--cpu-sanity", action="store_true", help="without CUDA: run a tiny interpreter correctness check")
+    p.add_argument("--model", action="store_true",
+                   help="bytes / FLOPs / H100 bound / compiled registers, spills, shared memory per kernel (no GPU needed)")
+    p.add_argument("--batch", type=int, default=16, help="--model: batch size")
+    p.add_argument("--seq", type=int, default=2048, help="--model: sequence length")
     args = p.parse_args(argv)
+    if args.model:
+        run_model(args)
+        if torch.cuda.is_available():
+            run_gpu(args)
+        return 0
     if not torch.cuda.is_available():
         print("No CUDA GPU available: the kernel benchmark needs one, nothing was timed.")
         print("On a CUDA machine run: python benchmarks/bench_kernels.py")
