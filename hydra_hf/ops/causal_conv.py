@@ -272,7 +272,7 @@ def _check_inputs(x, seq_weight, chan_weight, num_heads, state):
 CONV_TILES = {
     ("fwd", False): (32, 64, 8),
     ("fwd", True): (16, 32, 4),
-    ("bwd_dx", False): (16, 32, 8),
+    ("bwd_dx", False): (16, 32, 4),
     ("bwd_dx", True): (16, 16, 4),
     ("bwd_dw", False): (32, 32, 8),
     ("bwd_dw", True): (16, 16, 4),

@@ -130,11 +130,11 @@ INTERPRETED = is_interpreted_kernel(_qk_norm_rope_fwd_kernel)
 
 
 def qk_meta(Hq: int, Hk: int, h: int) -> dict:
-    """Block sizes and warps: one (heads, h) tile per token; 2 warps up to 512 elements, more beyond
+    """Block sizes and warps: one (heads, h) tile per token; 2 warps up to 256 elements, 4 at 512, 8 beyond
     (so that the largest supported latent width, ``TRITON_LIMITS["latent_size"]``, does not spill)."""
     block_hq, block_d = next_pow2(Hq), next_pow2(h)
     return dict(BLOCK_HQ=block_hq, BLOCK_HK=next_pow2(Hk), BLOCK_D=block_d,
-                num_warps=max(2, min(8, block_hq * block_d // 256)))
+                num_warps=max(2, min(8, block_hq * block_d // 128)))
 
 
 def _rope_table(t: torch.Tensor, B: int, T: int) -> tuple[torch.Tensor, int, int]:
