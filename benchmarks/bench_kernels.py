@@ -7,6 +7,7 @@ under ``torch.compile``, and Liger where Liger has the op (RMSNorm, SwiGLU, fuse
     python benchmarks/bench_kernels.py                    # both presets, every op, bf16
     python benchmarks/bench_kernels.py --preset 1b --ops causal_conv qk_norm_rope
     python benchmarks/bench_kernels.py --cpu-sanity       # no GPU: tiny interpreter check
+    python benchmarks/bench_kernels.py --model            # per-kernel model at the 1B shapes (works without a GPU)
 
 Times come from ``triton.testing.do_bench`` (median, ms). "GB/s" divides a *model* of the bytes
 that must move by that time: forward = every input + every output once, backward = every
@@ -18,6 +19,8 @@ GB/s. Without CUDA the script prints a message and exits 0.
 from __future__ import annotations
 
 import argparse
+import importlib
+import math
 import os
 import sys
 from pathlib import Path
@@ -214,6 +217,184 @@ def run_cpu_sanity() -> None:
     print("  (on CPU the 'liger' entries run the reference: Liger kernels need CUDA)")
 
 
+# ---------------------------------------------------------------- --model: bytes / FLOPs / resources per kernel
+H100_BW = 3.35e12  # B/s, HBM3
+H100_FLOPS = 989e12  # bf16 dense tensor-core FLOP/s
+H100_SMS = 132
+ROW_KERNELS = ("routing_gather", "moe_permute")  # one program per row: only the rows it is given are touched
+
+
+def _tensor_bytes(t, rows=None) -> int:
+    if rows is not None and t.dim() >= 2:
+        per_row = t.numel() // max(1, t.numel() // t.shape[-1])
+        return min(t.numel() // t.shape[-1], rows) * per_row * t.element_size()
+    return t.numel() * t.element_size()
+
+
+def launch_bytes(launch) -> int:
+    """Bytes a kernel launch moves if every tensor it is given is read or written once (the model).
+
+    Row kernels (gather / scatter / permute) touch one row per program of their larger tensors."""
+    module = launch.kernel.fn.__module__.rsplit(".", 1)[-1]
+    programs = math.prod(launch.grid)
+    rows = programs if module in ROW_KERNELS else None
+    seen, total = set(), 0
+    for a in launch.args:
+        if isinstance(a, torch.Tensor) and id(a) not in seen:
+            seen.add(id(a))
+            total += _tensor_bytes(a, rows)
+    return total
+
+
+def launch_flops(launch) -> int:
+    """Useful FLOPs: the conv kernels' dots and depthwise taps; ~a few per element for the rest."""
+    name, m = launch.kernel.__name__, launch.meta
+    x = launch.args[0]
+    if name.startswith("_causal_conv"):
+        B, T, C = x.shape
+        h, ks, kc = C // (launch.grid[2] // m["N_DB"]), m["KS"], m["KC"]  # grid axis 2 = heads * N_DB
+        mid = 2 * B * T * C * ks * kc  # depthwise taps, recomputed per channel-conv tap
+        if name.endswith("fwd_kernel"):
+            return 2 * B * T * C * h * kc + mid * m["N_DB"]
+        if "dx" in name:
+            return 2 * B * T * C * h * kc * ks + 6 * B * T * C * ks
+        return 2 * B * T * C * h * kc + mid * m["N_DB"]
+    per_elem = {"_rms_norm_fwd_kernel": 4, "_rms_norm_bwd_kernel": 8, "_qk_norm_rope_fwd_kernel": 10,
+                "_qk_norm_rope_bwd_kernel": 16, "_scatter_fwd_kernel": 2, "_scatter_bwd_kernel": 3,
+                "_unpermute_fwd_kernel": 2, "_unpermute_bwd_kernel": 3, "_permute_bwd_kernel": 1}
+    return per_elem.get(name, 0) * max(a.numel() for a in launch.args if isinstance(a, torch.Tensor))
+
+
+class _AtenBytes:
+    """Bytes moved by eager PyTorch ops (a TorchDispatchMode over meta tensors): inputs + outputs of every
+    op that computes (views and allocations are free; ``zeros``/``fill`` count their output; index ops
+    count the rows they touch, i.e. their output size, for their source)."""
+
+    FREE = ("view", "_unsafe_view", "expand", "permute", "transpose", "t", "slice", "select", "unsqueeze", "squeeze",
+            "as_strided", "alias", "detach", "empty", "empty_like", "new_empty", "empty_strided", "split",
+            "unbind", "reshape", "_reshape_alias", "lift_fresh", "clone_if_view", "split_with_sizes")
+    INDEX = ("gather", "index", "index_select", "index_add", "index_put", "scatter", "scatter_add", "embedding")
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        owner = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                owner._count(func, args, out)
+                return out
+
+        self.mode = Mode()
+        self.total = 0
+
+    def _count(self, func, args, out):
+        name = func.__name__.split(".")[0].rstrip("_")
+        if name in self.FREE:
+            return
+        outs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+        out_bytes = sum(o.numel() * o.element_size() for o in outs)
+        ins = [a for a in torch.utils._pytree.tree_leaves(args) if isinstance(a, torch.Tensor)]
+        if name in self.INDEX:
+            in_bytes = sum(min(a.numel() * a.element_size(), out_bytes) for a in ins)
+        elif name in ("zeros", "zeros_like", "fill", "zero", "ones", "full", "new_zeros", "new_full", "ones_like"):
+            in_bytes = 0
+        else:
+            in_bytes = sum(a.numel() * a.element_size() for a in ins)
+        self.total += in_bytes + out_bytes
+
+
+def model_ops(B: int, T: int, dtype):
+    """(op label, triton closure, reference closure, leaves) at the 1B preset's shapes, on meta tensors."""
+    from hydra_hf import HydraConfig
+    from hydra_hf.ops import reference as R
+
+    cfg = HydraConfig.from_preset("1B")
+    E, Hq, Hk, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.latent_head_dim
+    Ks, Kc, r = cfg.qk_conv_kernel_size, cfg.qk_channel_conv_kernel_size, cfg.rotary_dim
+    cc, qk = importlib.import_module("hydra_hf.ops.causal_conv"), importlib.import_module("hydra_hf.ops.qk_norm_rope")
+    rn, rg = importlib.import_module("hydra_hf.ops.rms_norm"), importlib.import_module("hydra_hf.ops.routing_gather")
+    mp = importlib.import_module("hydra_hf.ops.moe_permute")
+
+    def leaf(*shape, dt=dtype):
+        return torch.empty(*shape, device="meta", dtype=dt).requires_grad_()
+
+    ops = []
+    x, w = leaf(B, T, E), leaf(E)
+    ops.append((f"rms_norm [N={B * T}, E={E}]", lambda: rn.rms_norm_triton(x, w, 1e-6), lambda: R.rms_norm_ref(x, w, 1e-6), (x, w)))
+    for label, H in (("q", Hq), ("k", Hk)):
+        C = H * h
+        xc, ws, wc = leaf(B, T, C), leaf(C, Ks), leaf(C, h, Kc)
+        ops.append((f"causal_conv {label} [C={C}, h={h}, Ks={Ks}, Kc={Kc}]",
+                    lambda xc=xc, ws=ws, wc=wc, H=H: cc.causal_conv_triton(xc, ws, wc, H),
+                    lambda xc=xc, ws=ws, wc=wc, H=H: R.causal_conv_ref(xc, ws, wc, H), (xc, ws, wc)))
+    q, k, qm, km = leaf(B, T, Hq, h), leaf(B, T, Hk, h), leaf(B, T, Hq, h), leaf(B, T, Hk, h)
+    temp, cos, sin = leaf(Hk, dt=torch.float32), torch.empty(1, T, r, device="meta", dtype=dtype), torch.empty(1, T, r, device="meta", dtype=dtype)
+    ops.append((f"qk_norm_rope [Hq={Hq}, Hk={Hk}, h={h}, r={r}]",
+                lambda: qk.qk_norm_rope_triton(q, k, qm, km, temp, cos, sin),
+                lambda: R.qk_norm_rope_ref(q, k, qm, km, temp, cos, sin), (q, k, qm, km, temp)))
+    K = math.ceil(0.75 * T)
+    idx = torch.empty(B, K, device="meta", dtype=torch.int64)
+    xg, res, upd, gate = leaf(B, T, E), leaf(B, T, E), leaf(B, K, E), leaf(B, K)
+    ops.append((f"gather_tokens [K={K}]", lambda: rg.gather_tokens_triton(xg, idx), lambda: R.gather_tokens_ref(xg, idx), (xg,)))
+    ops.append((f"scatter_gated_add [K={K}]", lambda: rg.scatter_gated_add_triton(res, upd, idx, gate),
+                lambda: R.scatter_gated_add_ref(res, upd, idx, gate), (res, upd, gate)))
+    N, topk = B * T, 2
+    xt, eo, wts = leaf(N, E), leaf(N * topk, E), leaf(N, topk)
+    pairs = torch.empty(N * topk, device="meta", dtype=torch.int64)
+    # the row movement only (argsort / bincount of the routing bookkeeping are the same in both and have
+    # no meta-tensor implementation): the reference's x[sorted_pairs // k]
+    ops.append((f"moe_permute [N={N}, k={topk}]", lambda: mp.MoEPermuteFunction.apply(xt, pairs, topk),
+                lambda: xt[pairs // topk], (xt,)))
+    ops.append((f"moe_unpermute [N={N}, k={topk}]", lambda: mp.moe_unpermute_triton(eo, pairs, wts),
+                lambda: R.moe_unpermute_ref(eo, pairs, wts), (eo, wts)))
+    return ops
+
+
+def _fwd_bwd_meta(fn, leaves):
+    outs = fn()
+    outs = [o for o in (outs if isinstance(outs, tuple) else (outs,)) if o.requires_grad]
+    torch.autograd.grad(outs, leaves, [torch.empty_like(o) for o in outs], allow_unused=True)
+
+
+def run_model(args) -> None:
+    """Per kernel at the 1B preset shapes: bytes, FLOPs, H100 bound, compiled resources, occupancy."""
+    from hydra_hf.ops import _triton_utils, aot_compile
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    B, T = args.batch, args.seq
+    _triton_utils._sm_count_override = H100_SMS  # grids as an H100 launch would size them
+    print(f"# Kernel model: 1B preset, batch x seq = {B} x {T}, {args.dtype}, target sm_90 "
+          f"(H100 bound: bytes / {H100_BW / 1e12:.2f} TB/s, FLOPs / {H100_FLOPS / 1e12:.0f} TFLOP/s)\n")
+    measured = torch.cuda.is_available()
+    print("| op / kernel | bytes moved | ref bytes | FLOPs | H100 bound | regs | spill B | smem B | occupancy | measured |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for label, tri, ref, leaves in model_ops(B, T, dtype):
+        ref_count = _AtenBytes()
+        with ref_count.mode:
+            _fwd_bwd_meta(ref, leaves)
+        tri_count = _AtenBytes()
+        with _triton_utils.record_launches() as launches, tri_count.mode:
+            _fwd_bwd_meta(tri, leaves)
+        total = tri_count.total + sum(launch_bytes(l) for l in launches)
+        flops = sum(launch_flops(l) for l in launches)
+        bound = max(total / H100_BW, flops / H100_FLOPS) * 1e6
+        note = "not measured (no GPU)" if not measured else "see the timing table"
+        print(f"| **{label}** (fwd+bwd, incl. torch glue {tri_count.total / 1e6:.1f} MB) | {total / 1e6:.1f} MB | "
+              f"{ref_count.total / 1e6:.1f} MB | {flops / 1e9:.2f} G | {bound:.1f} us | | | | | {note} |")
+        for l in launches:
+            spec = aot_compile.Spec("model", l.kernel.__name__, "", l, [label])
+            res = aot_compile.compile_launch(spec, "sm_90")
+            b, f = launch_bytes(l), launch_flops(l)
+            kb = max(b / H100_BW, f / H100_FLOPS) * 1e6
+            print(f"| {l.kernel.__name__} grid={l.grid} warps={res.num_warps} | {b / 1e6:.1f} MB | | {f / 1e9:.2f} G | "
+                  f"{kb:.1f} us | {res.registers} | {res.spill_bytes} | {res.shared} | {res.occupancy:.2f} | "
+                  f"{'not measured (no GPU)' if not measured else ''} |" + ("" if res.ok else f" COMPILE ERROR {res.error}"))
+    if measured:
+        print("\nMeasured times: run without --model (forward+backward per op, triton vs torch vs torch.compile vs Liger).")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", nargs="+", choices=sorted(PRESETS), default=["100m", "1b"])
@@ -224,7 +405,16 @@ def main(argv=None) -> int:
     p.add_argument("--rep", type=int, default=100, help="do_bench repetitions (ms)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) column")
     p.add_argument("--cpu-sanity", action="store_true", help="without CUDA: run a tiny interpreter correctness check")
+    p.add_argument("--model", action="store_true",
+                   help="bytes / FLOPs / H100 bound / compiled registers, spills, shared memory per kernel (no GPU needed)")
+    p.add_argument("--batch", type=int, default=16, help="--model: batch size")
+    p.add_argument("--seq", type=int, default=2048, help="--model: sequence length")
     args = p.parse_args(argv)
+    if args.model:
+        run_model(args)
+        if torch.cuda.is_available():
+            run_gpu(args)
+        return 0
     if not torch.cuda.is_available():
         print("No CUDA GPU available: the kernel benchmark needs one, nothing was timed.")
         print("On a CUDA machine run: python benchmarks/bench_kernels.py")

@@ -31,6 +31,7 @@ from .configuration_hydra import HydraConfig
 from .ops_hydra import (
     causal_conv,
     causal_conv_state_len,
+    check_kernel_backend,
     fused_linear_cross_entropy,
     gather_tokens,
     linear_cross_entropy_is_fused,
@@ -481,6 +482,7 @@ class HydraModel(HydraPreTrainedModel):
 
     def __init__(self, config: HydraConfig):
         super().__init__(config)
+        check_kernel_backend(config)  # "triton" with sizes outside ops_hydra.TRITON_LIMITS raises, naming the field
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)

@@ -19,6 +19,9 @@ Fallbacks (decided at call time, so the model runs everywhere with any backend):
   and ``"auto"``. Without Liger installed, ``"liger"`` raises ImportError; ``"triton"`` uses our
   Triton RMSNorm and the SwiGLU / cross-entropy references.
 * ``qk_mean`` always runs the reference (see ``ops/qk_norm_rope.py`` for why).
+* Sizes above ``TRITON_LIMITS`` (e.g. ``qk_conv_kernel_size`` > 4) run the reference on every
+  backend; ``check_kernel_backend`` (called at model construction) makes ``"triton"`` raise for
+  such a config instead, naming the field.
 
 This module and ``ops_reference_hydra.py`` are flat files with only torch imports at module level
 so that ``save_pretrained`` ships them with ``modeling_hydra.py`` as remote code: a model loaded
@@ -57,6 +60,56 @@ def interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
 
 KERNEL_BACKENDS = ("auto", "triton", "liger", "torch")
+
+# The one place that says which sizes our Triton kernels run: the largest value of each config
+# field (or derived size) they are built and compile-checked for. ``hydra_hf/ops/aot_compile.py``
+# compiles every specialization up to these edges for sm_80 and sm_90 and ``tests/test_ops_compile.py``
+# asserts no register spills and shared memory within both GPUs' limits there.
+TRITON_LIMITS = {
+    "qk_conv_kernel_size": 4,  # causal_conv: Ks (static loops; the config allows up to 8)
+    "qk_channel_conv_kernel_size": 2,  # causal_conv: Kc (one weight-gradient accumulator per tap)
+    "latent_head_dim": 64,  # causal_conv / qk_norm_rope: h, one head per tl.dot tile
+    "latent_size": 2048,  # qk_norm_rope: all heads of a token in one program (Hq * h, also Hk * h)
+    "hidden_size": 8192,  # rms_norm: one row in registers
+}
+_LIMIT_FIELDS = {
+    "qk_conv_kernel_size": "qk_conv_kernel_size",
+    "qk_channel_conv_kernel_size": "qk_channel_conv_kernel_size",
+    "latent_head_dim": "latent head dim = hidden_size / (compression_factor * num_attention_heads)",
+    "latent_size": "latent width = hidden_size / compression_factor",
+    "hidden_size": "hidden_size",
+}
+
+
+def triton_limit_violations(**sizes: int) -> list[str]:
+    """One message per size above ``TRITON_LIMITS`` (keys are its names), naming the config field.
+
+    Empty when our Triton kernels can run these sizes. The dispatcher calls it with sizes read off
+    the tensors, ``check_kernel_backend`` with the config's.
+    """
+    return [
+        f"{_LIMIT_FIELDS[name]} is {value}, but the Triton kernels support 1..{TRITON_LIMITS[name]}"
+        for name, value in sizes.items() if value > TRITON_LIMITS[name]
+    ]
+
+
+def triton_config_violations(config) -> list[str]:
+    """``triton_limit_violations`` for a ``HydraConfig``: empty when every kernel can run it."""
+    return triton_limit_violations(**{name: getattr(config, name) for name in TRITON_LIMITS})
+
+
+def check_kernel_backend(config) -> None:
+    """Model construction: ``kernel_backend="triton"`` with sizes our kernels cannot run raises.
+
+    ``"auto"`` (and ``"liger"``) never raise: the dispatcher runs the reference for sizes outside
+    ``TRITON_LIMITS``, so such a config never reaches a kernel on a GPU.
+    """
+    problems = triton_config_violations(config)
+    if config.kernel_backend == "triton" and problems:
+        raise ValueError(
+            "kernel_backend='triton' cannot run this config: " + "; ".join(problems)
+            + ". Use kernel_backend='auto' (the PyTorch reference runs for these ops) or 'torch'."
+        )
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -120,7 +173,10 @@ def _liger_ok(backend: str, *tensors: torch.Tensor) -> bool:
 def causal_conv(x, seq_weight, chan_weight, num_heads, state=None, backend="torch"):
     """CCGQA causal depthwise + per-head channel conv. x (B, T, C) -> (B, T, C); see ``causal_conv_ref``."""
     mod = _triton_module(backend, "causal_conv", x, seq_weight, chan_weight, state)
-    if mod is not None:
+    if mod is not None and not triton_limit_violations(
+        qk_conv_kernel_size=seq_weight.shape[-1], qk_channel_conv_kernel_size=chan_weight.shape[-1],
+        latent_head_dim=x.shape[-1] // max(num_heads, 1),
+    ):
         return mod.causal_conv_triton(x, seq_weight, chan_weight, num_heads, state)
     return causal_conv_ref(x, seq_weight, chan_weight, num_heads, state)
 
@@ -134,7 +190,9 @@ def qk_mean(q, k, backend="torch"):
 def qk_norm_rope(q, k, q_mean, k_mean, temperature, cos, sin, eps=1e-6, backend="torch"):
     """Mean add-back + L2 norm x sqrt(h) (x key temperature) + partial RoPE -> (q, k); see ``qk_norm_rope_ref``."""
     mod = _triton_module(backend, "qk_norm_rope", q, k, q_mean, k_mean, temperature, cos, sin)
-    if mod is not None:
+    if mod is not None and not triton_limit_violations(
+        latent_head_dim=q.shape[-1], latent_size=max(q.shape[-2], k.shape[-2]) * q.shape[-1]
+    ):
         return mod.qk_norm_rope_triton(q, k, q_mean, k_mean, temperature, cos, sin, eps)
     return qk_norm_rope_ref(q, k, q_mean, k_mean, temperature, cos, sin, eps)
 
@@ -179,7 +237,7 @@ def rms_norm(x, weight, eps, backend="torch"):
         return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", False)
     if _effective_backend(backend, x, weight) == "triton":
         mod = _triton_module("triton", "rms_norm", x, weight)
-        if mod is not None:
+        if mod is not None and not triton_limit_violations(hidden_size=x.shape[-1]):
             return mod.rms_norm_triton(x, weight, eps)
     return rms_norm_ref(x, weight, eps)
 
@@ -221,6 +279,10 @@ def _liger_cross_entropy_module(backend, *tensors):
 
 __all__ = [
     "KERNEL_BACKENDS",
+    "TRITON_LIMITS",
+    "triton_limit_violations",
+    "triton_config_violations",
+    "check_kernel_backend",
     "resolve_backend",
     "causal_conv_state_len",
     "causal_conv",

@@ -6,7 +6,8 @@ references in ``hydra_hf/ops_reference_hydra.py`` (also reachable as ``hydra_hf.
 both are flat modules so that a saved model's remote code carries them. This package holds the
 kernels, one file per op (``causal_conv.py``, ``qk_norm_rope.py``, ``routing_gather.py``,
 ``moe_permute.py``, ``rms_norm.py``, ``cross_entropy.py``), each with its Triton kernels, launcher
-and ``autograd.Function``; the dispatcher imports them lazily. See ``docs/kernels.md``.
+and ``autograd.Function``; the dispatcher imports them lazily. ``aot_compile.py`` compiles every
+specialization the launchers choose for sm_80 / sm_90 on CPU (no GPU). See ``docs/kernels.md``.
 
 Kernel modules share their names with the dispatcher functions (``causal_conv.py`` holds the
 kernels behind ``causal_conv(...)``). Importing a submodule normally rebinds the package

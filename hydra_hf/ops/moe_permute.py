@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._triton_lang import fsum
-from ._triton_utils import interpret_requested, is_interpreted_kernel, next_pow2
+from ._triton_utils import interpret_requested, is_interpreted_kernel, launch, next_pow2
 
 
 @triton.jit
@@ -140,7 +140,7 @@ class MoEPermuteFunction(torch.autograd.Function):
         out = torch.empty(rows, E, device=x.device, dtype=x.dtype)  # (N*k, E)
         BLOCK_E = _block_e(E)
         if rows > 0 and E > 0:
-            _permute_fwd_kernel[(rows,)](x, sorted_pairs, out, E, topk, BLOCK_E=BLOCK_E, num_warps=_num_warps(BLOCK_E))
+            launch(_permute_fwd_kernel, (rows,), x, sorted_pairs, out, E, topk, BLOCK_E=BLOCK_E, num_warps=_num_warps(BLOCK_E))
         ctx.save_for_backward(sorted_pairs)
         ctx.topk = topk
         ctx.x_meta = (N, E, x.dtype)
@@ -154,7 +154,7 @@ class MoEPermuteFunction(torch.autograd.Function):
         grad_x = torch.empty(N, E, device=grad_perm.device, dtype=dtype)  # (N, E)
         BLOCK_E = _block_e(E)
         if N > 0 and E > 0:
-            _permute_bwd_kernel[(N,)](
+            launch(_permute_bwd_kernel, (N,),
                 grad_perm.contiguous(), inv, grad_x, E, ctx.topk, BLOCK_E=BLOCK_E, num_warps=_num_warps(BLOCK_E)
             )
         return grad_x, None, None
@@ -173,7 +173,7 @@ class MoEUnpermuteFunction(torch.autograd.Function):
         out = torch.empty(N, E, device=expert_out.device, dtype=expert_out.dtype)  # (N, E)
         BLOCK_E = _block_e(E)
         if N > 0 and E > 0:
-            _unpermute_fwd_kernel[(N,)](
+            launch(_unpermute_fwd_kernel, (N,),
                 expert_out, inv, weights, out, E, k, BLOCK_E=BLOCK_E, num_warps=_num_warps(BLOCK_E)
             )
         ctx.save_for_backward(expert_out, inv, weights)
@@ -189,7 +189,7 @@ class MoEUnpermuteFunction(torch.autograd.Function):
         grad_w = torch.zeros(N, k, device=weights.device, dtype=torch.float32) if w_grad else None
         BLOCK_E = _block_e(E)
         if N * k > 0 and E > 0:
-            _unpermute_bwd_kernel[(N * k,)](
+            launch(_unpermute_bwd_kernel, (N * k,),
                 grad_out.contiguous(), expert_out, inv, weights, grad_eo, grad_w if w_grad else grad_eo, E, k,
                 W_GRAD=w_grad, BLOCK_E=BLOCK_E, num_warps=_num_warps(BLOCK_E),
             )

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._triton_lang import fsum
-from ._triton_utils import is_interpreted_kernel, next_pow2
+from ._triton_utils import is_interpreted_kernel, launch, next_pow2
 
 
 @triton.jit
@@ -129,6 +129,14 @@ def _qk_norm_rope_bwd_kernel(
 INTERPRETED = is_interpreted_kernel(_qk_norm_rope_fwd_kernel)
 
 
+def qk_meta(Hq: int, Hk: int, h: int) -> dict:
+    """Block sizes and warps: one (heads, h) tile per token; 2 warps up to 256 elements, 4 at 512, 8 beyond
+    (so that the largest supported latent width, ``TRITON_LIMITS["latent_size"]``, does not spill)."""
+    block_hq, block_d = next_pow2(Hq), next_pow2(h)
+    return dict(BLOCK_HQ=block_hq, BLOCK_HK=next_pow2(Hk), BLOCK_D=block_d,
+                num_warps=max(2, min(8, block_hq * block_d // 128)))
+
+
 def _rope_table(t: torch.Tensor, B: int, T: int) -> tuple[torch.Tensor, int, int]:
     """Broadcast cos/sin to (B, T, r) without copying; returns the tensor and its batch/time strides."""
     t = t.expand(B, T, t.shape[-1])
@@ -184,11 +192,11 @@ class QKNormRopeFunction(torch.autograd.Function):
         r = cos.shape[-1]
         q_out = torch.empty_like(q)  # (B, T, Hq, h)
         k_out = torch.empty(k.shape, device=k.device, dtype=q.dtype)  # (B, T, Hk, h), q's dtype like the reference
-        meta = dict(BLOCK_HQ=next_pow2(Hq), BLOCK_HK=next_pow2(Hk), BLOCK_D=next_pow2(h))
+        meta = qk_meta(Hq, Hk, h)
         if B * T > 0:
-            _qk_norm_rope_fwd_kernel[(B * T,)](
+            launch(_qk_norm_rope_fwd_kernel, (B * T,),
                 q, k, q_mean if has_mean else q, k_mean if has_mean else k, temperature, cos, sin, q_out, k_out,
-                T, sb, st, Hq, Hk, h, r, float(h) ** 0.5, eps, HAS_MEAN=has_mean, num_warps=2, **meta,
+                T, sb, st, Hq, Hk, h, r, float(h) ** 0.5, eps, HAS_MEAN=has_mean, **meta,
             )
         ctx.save_for_backward(q, k, q_mean, k_mean, temperature, cos, sin)
         ctx.meta = meta
@@ -217,11 +225,11 @@ class QKNormRopeFunction(torch.autograd.Function):
         gtemp_part = torch.empty(B * T, Hk, device=q.device, dtype=torch.float32)  # per-token partial sums
         sb, st = ctx.cs_strides
         if B * T > 0:
-            _qk_norm_rope_bwd_kernel[(B * T,)](
+            launch(_qk_norm_rope_bwd_kernel, (B * T,),
                 q, k, q_mean if has_mean else q, k_mean if has_mean else k, temperature, cos, sin,
                 grad_q_out, grad_k_out, gq, gk, gqm if qm_grad else gq, gkm if km_grad else gk, gtemp_part,
                 T, sb, st, Hq, Hk, h, cos.shape[-1], float(h) ** 0.5, ctx.eps,
-                HAS_MEAN=has_mean, QM_GRAD=qm_grad, KM_GRAD=km_grad, num_warps=2, **ctx.meta,
+                HAS_MEAN=has_mean, QM_GRAD=qm_grad, KM_GRAD=km_grad, **ctx.meta,
             )
         gtemp = gtemp_part.sum(0).to(temperature.dtype).view(ctx.temp_shape)  # (Hk,)
         return gq, gk, gqm, gkm, gtemp, None, None, None

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._triton_lang import fsum
-from ._triton_utils import interpret_requested, is_interpreted_kernel, next_pow2
+from ._triton_utils import interpret_requested, is_interpreted_kernel, launch, next_pow2
 
 
 @triton.jit
@@ -174,7 +174,7 @@ class GatherTokensFunction(torch.autograd.Function):
         out = torch.empty(B, K, E, device=x.device, dtype=x.dtype)  # (B, K, E)
         BLOCK_E = _block_e(E)
         if B * K > 0 and E > 0:
-            _gather_fwd_kernel[(B * K,)](x, index, out, T, K, E, BLOCK_E=BLOCK_E, num_warps=_num_warps(BLOCK_E))
+            launch(_gather_fwd_kernel, (B * K,), x, index, out, T, K, E, BLOCK_E=BLOCK_E, num_warps=_num_warps(BLOCK_E))
         ctx.save_for_backward(index)
         ctx.x_meta = (x.shape, x.dtype)
         return out
@@ -188,7 +188,7 @@ class GatherTokensFunction(torch.autograd.Function):
         grad_x = torch.zeros(B, T, E, device=grad_out.device, dtype=acc_dtype)  # (B, T, E)
         BLOCK_E = _block_e(E)
         if B * K > 0 and E > 0:
-            _gather_bwd_kernel[(B * K,)](
+            launch(_gather_bwd_kernel, (B * K,),
                 grad_out.contiguous(), index, grad_x, T, K, E, BLOCK_E=BLOCK_E, num_warps=_num_warps(BLOCK_E)
             )
         return grad_x.to(dtype), None
@@ -210,7 +210,7 @@ class ScatterGatedAddFunction(torch.autograd.Function):
         out = residual.clone()  # (B, T, E)
         BLOCK_E = _block_e(E)
         if B * K > 0 and E > 0:
-            _scatter_fwd_kernel[(B * K,)](
+            launch(_scatter_fwd_kernel, (B * K,),
                 residual, update, index, gate if has_gate else update, out, T, K, E,
                 HAS_GATE=has_gate, BLOCK_E=BLOCK_E, num_warps=_num_warps(BLOCK_E),
             )
@@ -232,7 +232,7 @@ class ScatterGatedAddFunction(torch.autograd.Function):
             grad_gate_f = torch.empty(B, K, device=update.device, dtype=torch.float32) if gate_grad else None
             BLOCK_E = _block_e(E)
             if B * K > 0 and E > 0:
-                _scatter_bwd_kernel[(B * K,)](
+                launch(_scatter_bwd_kernel, (B * K,),
                     grad_out, update, index, gate if has_gate else update, grad_update,
                     grad_gate_f if gate_grad else grad_update, T, K, E,
                     HAS_GATE=has_gate, GATE_GRAD=gate_grad, BLOCK_E=BLOCK_E, num_warps=_num_warps(BLOCK_E),
