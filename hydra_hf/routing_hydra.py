@@ -139,6 +139,9 @@ class RoutingState:
     mor_balance_loss_coef: float = 0.01
     router_aux_loss_coef: float = 0.01
     moe_z_loss_coef: float = 0.001
+    # Weight of the aux losses `HydraModel` attaches to its output's gradient when it runs as a backbone under
+    # another library's LM head and loss (see `attach_aux_loss`); the callbacks set 1 / gradient accumulation steps.
+    attached_aux_loss_scale: float = 1.0
 
     @classmethod
     def from_config(cls, config) -> "RoutingState":
@@ -159,6 +162,8 @@ class RoutingState:
                 for v in value if isinstance(value, list) else [value]:
                     if not 0.0 < v <= 1.0:
                         raise ValueError(f"mor_capacity values must be in (0, 1], got {value}")
+            if key == "attached_aux_loss_scale" and not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"attached_aux_loss_scale must be a number >= 0, got {value!r}")
             if key == "moe_forced" and value is not None and not isinstance(value, dict):
                 raise ValueError("moe_forced must be a dict {domain_label: expert_index} or None")
             setattr(self, key, value)
@@ -195,10 +200,11 @@ class RoutingRecord:
     def add_loss(self, name: str, value: torch.Tensor):
         self.losses[name] = self.losses[name] + value if name in self.losses else value
 
-    def total_loss(self) -> torch.Tensor | None:
-        if not self.losses:
+    def total_loss(self, exclude: tuple = ()) -> torch.Tensor | None:
+        values = [v for name, v in self.losses.items() if name not in exclude]
+        if not values:
             return None
-        return sum(self.losses.values())
+        return sum(values)
 
     def pop_hidden(self):
         out, self.hidden_states = tuple(self.hidden_states), []
@@ -298,6 +304,39 @@ def update_running_threshold(
     threshold.add_(momentum * mean_boundary.to(threshold.dtype))
 
 
+def _is_trained(module: nn.Module) -> bool:
+    """A router moves its running threshold only while it is trained: frozen routers (LoRA / QLoRA fine-tuning with
+    the routers left out) keep the threshold they were saved with, so an adapter alone reproduces the tuned model."""
+    return any(p.requires_grad for p in module.parameters())
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on `hidden`; its backward also sends `scale` as the gradient of the scalar `aux`."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.aux_like = (aux.shape, aux.dtype, aux.device)
+        ctx.scale = scale
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        shape, dtype, device = ctx.aux_like
+        return grad_output, torch.full(shape, ctx.scale, dtype=dtype, device=device), None
+
+
+def attach_aux_loss(hidden: torch.Tensor, aux: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Return `hidden` unchanged, with `scale * aux` attached to the backward pass.
+
+    Any loss computed from the result back-propagates into `aux` as if `scale * aux` had been added to it. This is
+    how the routing losses reach the routers when `HydraModel` is used as a backbone and another library computes
+    the loss from its hidden states without adding `aux_loss` (TRL's fused LM head does exactly that). The loss value
+    itself does not contain the aux term. `scale` should be 1 / (gradient accumulation steps): DDP already averages
+    over processes, and the caller's cross-entropy is normalised over the accumulated batch.
+    """
+    return _AttachAuxLoss.apply(hidden, aux, float(scale))
+
+
 def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     if a is None:
         return b
@@ -359,7 +398,7 @@ class MoDRouter(nn.Module):
             pred_logits = self.predictor(hidden_states.detach()).squeeze(-1).float()
         if self.training or not state.mod_enabled:
             target = topk_mask(logits, candidates, state.mod_capacity)
-            if self.training:
+            if self.training and _is_trained(self.proj):
                 update_running_threshold(self.threshold, logits, target, candidates, self.threshold_momentum)
         else:
             decider = pred_logits if pred_logits is not None else logits
@@ -408,7 +447,7 @@ class MoRRouter(nn.Module):
         logits = raw_logits - self.threshold  # (B, T) calibrated: decisions and the BCE use these
         if self.training or not state.mor_enabled:
             target = topk_mask(logits, candidates, capacity)
-            if self.training:
+            if self.training and _is_trained(self.proj):
                 update_running_threshold(self.threshold, logits, target, candidates, self.threshold_momentum)
         else:
             target = logits > 0
