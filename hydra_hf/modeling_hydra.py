@@ -429,6 +429,10 @@ class HydraPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["HydraDecoderLayer", "HydraMoEBlock"]
+    # Routers (MoD / MoR `proj` and predictor, MoE `gate`) are tiny, some only 1 wide, and their top-k and
+    # threshold decisions are precision-sensitive: bitsandbytes 4/8-bit loading never quantizes them (these patterns
+    # are transformers' modules-not-to-convert), and a float16 load keeps them in float32.
+    _keep_in_fp32_modules = [r".*_routers\.\d+", r".*moe_blocks\.\d+\.gate"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = False

@@ -304,6 +304,15 @@ def update_running_threshold(
     threshold.add_(momentum * mean_boundary.to(threshold.dtype))
 
 
+def router_input(x: torch.Tensor, linear: nn.Module) -> torch.Tensor:
+    """`x` in the dtype of a router's floating-point weight. Routers stay in float32 when the model is loaded in
+    float16 or quantized (`_keep_in_fp32_modules`), while the hidden states are in the model's dtype."""
+    weight = getattr(linear, "weight", None)
+    if weight is not None and weight.is_floating_point() and weight.dtype != x.dtype and not torch.is_autocast_enabled():
+        return x.to(weight.dtype)
+    return x
+
+
 def _is_trained(module: nn.Module) -> bool:
     """A router moves its running threshold only while it is trained: frozen routers (LoRA / QLoRA fine-tuning with
     the routers left out) keep the threshold they were saved with, so an adapter alone reproduces the tuned model."""
@@ -391,11 +400,11 @@ class MoDRouter(nn.Module):
         layer_index: int,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Return (tokens to process (B, T) bool or None = all candidates, gate (B, T) or None)."""
-        raw_logits = self.proj(hidden_states).squeeze(-1).float()  # (B, T); the gate sees these
+        raw_logits = self.proj(router_input(hidden_states, self.proj)).squeeze(-1).float()  # (B, T); the gate sees these
         logits = raw_logits - self.threshold  # (B, T) calibrated: decisions and the BCE use these
         pred_logits = None
         if self.predictor is not None:
-            pred_logits = self.predictor(hidden_states.detach()).squeeze(-1).float()
+            pred_logits = self.predictor(router_input(hidden_states.detach(), self.predictor[0])).squeeze(-1).float()
         if self.training or not state.mod_enabled:
             target = topk_mask(logits, candidates, state.mod_capacity)
             if self.training and _is_trained(self.proj):
@@ -443,7 +452,7 @@ class MoRRouter(nn.Module):
 
     def expert_choice(self, hidden_states, candidates, capacity, state, config, record):
         """-> (continuing tokens (B, T) bool or None, gate (B, T) or None)."""
-        raw_logits = self.proj(hidden_states).squeeze(-1).float()  # (B, T); the gate sees these
+        raw_logits = self.proj(router_input(hidden_states, self.proj)).squeeze(-1).float()  # (B, T); the gate sees these
         logits = raw_logits - self.threshold  # (B, T) calibrated: decisions and the BCE use these
         if self.training or not state.mor_enabled:
             target = topk_mask(logits, candidates, capacity)
@@ -466,7 +475,7 @@ class MoRRouter(nn.Module):
 
     def token_choice(self, hidden_states, token_valid, num_recursions, state, record):
         """-> (depth (B, T) long in 1..R or None = full depth, gate (B, T) or None)."""
-        logits = self.proj(hidden_states).float()  # (B, T, R)
+        logits = self.proj(router_input(hidden_states, self.proj)).float()  # (B, T, R)
         probs = logits.softmax(dim=-1)
         choice = probs.argmax(dim=-1)  # (B, T) in 0..R-1
         if self.training:
@@ -527,7 +536,7 @@ class HydraMoEBlock(nn.Module):
         if self.training and self.jitter > 0:
             noise = torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             router_in = x * noise
-        logits = self.gate(router_in).float()  # (N, X)
+        logits = self.gate(router_input(router_in, self.gate)).float()  # (N, X)
         probs = logits.softmax(dim=-1)
         backend = resolve_backend(self.kernel_backend, x.device)
 
