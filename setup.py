@@ -28,7 +28,8 @@ setup(
         "tensorboard>=2.15",
         "tqdm>=4.0",
     ],
-    extras_require={"dev": ["pytest>=8.0"]},
+    # trl: tests/test_finetuning.py trains HYDRA with TRL's SFTTrainer (its fused LM head is 1.x).
+    extras_require={"dev": ["pytest>=8.0", "trl>=1.16,<2"]},
     entry_points={
         "console_scripts": [
             "hydra-train=hydra_hf.cli.train:main",

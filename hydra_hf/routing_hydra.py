@@ -313,10 +313,12 @@ def router_input(x: torch.Tensor, linear: nn.Module) -> torch.Tensor:
     return x
 
 
-def _is_trained(module: nn.Module) -> bool:
-    """A router moves its running threshold only while it is trained: frozen routers (LoRA / QLoRA fine-tuning with
-    the routers left out) keep the threshold they were saved with, so an adapter alone reproduces the tuned model."""
-    return any(p.requires_grad for p in module.parameters())
+def _is_trained(proj: nn.Module) -> bool:
+    """A router moves its running threshold only while its own weight is trained. Frozen routers (LoRA / QLoRA
+    fine-tuning, where an adapter on `proj` trains the adapter but not the weight, e.g. `target_modules="all-linear"`)
+    keep the threshold they were saved with, so base model + adapter reproduce the tuned model. A router copied into
+    `modules_to_save` trains its weight, moves its threshold, and PEFT saves both."""
+    return proj.weight.requires_grad
 
 
 class _AttachAuxLoss(torch.autograd.Function):

@@ -143,7 +143,14 @@ def test_sft_trainer_trains_with_routing_losses(mode, char_tokenizer, tmp_path):
 # ---------------------------------------------------------------------------- PEFT
 
 
-def test_lora_defaults_and_adapter_reproduces_the_finetuned_model(tmp_path):
+ROUTER_MODULES = ["model.mod_routers.0", "model.mod_routers.1", "model.mod_routers.2", "model.mor_routers.0"]
+
+
+@pytest.mark.parametrize("variant", ["default", "all-linear", "routers_saved"])
+def test_adapter_reproduces_the_finetuned_model(variant, tmp_path):
+    """default: LoraConfig without target_modules (HYDRA's PEFT defaults), also through AutoPeftModelForCausalLM and
+    merge_and_unload. all-linear: LoRA on the routers too (their frozen weights keep the thresholds still).
+    routers_saved: routers trained in full through modules_to_save (thresholds move and are saved)."""
     from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
@@ -154,9 +161,14 @@ def test_lora_defaults_and_adapter_reproduces_the_finetuned_model(tmp_path):
         base.set_routing(mod_enabled=True, mor_enabled=True)
         return base
 
-    model = get_peft_model(load_base(), LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False))
-    assert model.peft_config["default"].target_modules == {"q_proj", "v_proj"}
-    assert all("routers" not in n for n, p in model.named_parameters() if p.requires_grad)
+    kwargs = {"all-linear": dict(target_modules="all-linear"), "routers_saved": dict(modules_to_save=ROUTER_MODULES)}
+    model = get_peft_model(load_base(), LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False,
+                                                   **kwargs.get(variant, {})))
+    routers = [m for n, m in model.named_modules() if n.endswith(("mod_routers.0", "mor_routers.0"))]
+    thresholds = [float(m.threshold) for m in model.modules() if hasattr(m, "threshold")]
+    if variant == "default":
+        assert model.peft_config["default"].target_modules == {"q_proj", "v_proj"}
+        assert all("routers" not in n for n, p in model.named_parameters() if p.requires_grad)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     x = torch.randint(0, 97, (3, 20), generator=torch.Generator().manual_seed(0))
     model.train()
@@ -164,19 +176,23 @@ def test_lora_defaults_and_adapter_reproduces_the_finetuned_model(tmp_path):
         model(input_ids=x, labels=x).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+    moved = thresholds != [float(m.threshold) for m in model.modules() if hasattr(m, "threshold")]
+    assert moved == (variant == "routers_saved") and routers
     model.eval()
     with torch.no_grad():
         tuned = model(input_ids=x).logits
     model.save_pretrained(adapter_dir)
 
     reloaded = PeftModel.from_pretrained(load_base(), adapter_dir).eval()
-    auto = AutoPeftModelForCausalLM.from_pretrained(adapter_dir).eval()
-    auto.set_routing(mod_enabled=True, mor_enabled=True)
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=x).logits, tuned)
-        assert torch.equal(auto(input_ids=x).logits, tuned)
-        merged = reloaded.merge_and_unload().eval()
-        torch.testing.assert_close(merged(input_ids=x).logits, tuned, rtol=1e-5, atol=1e-5)
+    if variant == "default":
+        auto = AutoPeftModelForCausalLM.from_pretrained(adapter_dir).eval()
+        auto.set_routing(mod_enabled=True, mor_enabled=True)
+        with torch.no_grad():
+            assert torch.equal(auto(input_ids=x).logits, tuned)
+            merged = reloaded.merge_and_unload().eval()
+            torch.testing.assert_close(merged(input_ids=x).logits, tuned, rtol=1e-5, atol=1e-5)
 
 
 def test_shadow_adapters_and_prefix_tuning_name_the_limitation():
