@@ -495,15 +495,7 @@ class HydraModel(HydraPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        effective = config.effective_layers_for(config.num_unique_blocks, config.mor_recursions, config.mor_sharing)
-        if config.num_hidden_layers != effective:
-            raise ValueError(
-                f"num_hidden_layers ({config.num_hidden_layers}) does not match num_unique_blocks="
-                f"{config.num_unique_blocks} x mor_recursions={config.mor_recursions} ({config.mor_sharing}) = "
-                f"{effective}: HYDRA's depth is set by its weight-shared blocks and recursions, so changing "
-                "num_hidden_layers alone cannot build a shallower model. PEFT's shadow adapters (which mirror the "
-                "backbone with fewer num_hidden_layers) are not supported for HYDRA; use LoRA or another adapter"
-            )
+        config.check_hydra_fields()  # fields changed after the config was built (e.g. PEFT's shadow adapters)
         self.plan: list[LayerPlan] = build_layer_plan(config)
         self.layers = nn.ModuleList([HydraDecoderLayer(config, i) for i in range(config.num_unique_blocks)])
         self.recursion_embedding = (
