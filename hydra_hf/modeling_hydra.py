@@ -391,7 +391,9 @@ class HydraCausalLMOutputWithPast(ModelOutput):
         loss (`torch.FloatTensor` of shape `(1,)`, *optional*):
             Next-token cross-entropy plus `aux_loss` (when `labels` are given).
         aux_loss (`torch.FloatTensor`, *optional*):
-            Sum of every enabled routing component's weighted auxiliary loss, as it is inside `loss`. When the
+            Sum of every enabled routing component's weighted auxiliary loss, as it is inside `loss` (only with
+            `labels`; a training forward without labels attaches the routing losses to the gradient of `logits`
+            instead, so a loss the caller computes from them trains the routers too, and leaves this `None`). When the
             Trainer passes `num_items_in_batch` (the cross-entropy is then a sum over the micro-batch divided by
             the item count of the whole accumulated, gathered batch), the aux loss is counted the same way, per
             item: `aux * n_items / num_items_in_batch`, so that over the accumulated batch it adds up to the
@@ -820,7 +822,8 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Targets for next-token prediction (shifted inside, -100 = ignored). When given, `loss` is the
-            cross-entropy plus every enabled routing component's weighted auxiliary loss.
+            cross-entropy plus every enabled routing component's weighted auxiliary loss. Without labels, a
+            training forward attaches the routing losses to the gradient of `logits` (see `attach_aux_loss`).
         domain_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Per-example domain ids used by MoE forced routing (`set_routing(moe_forced=...)`).
         output_router_logits (`bool`, *optional*):
@@ -850,11 +853,13 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             domain_labels=domain_labels,
             output_router_logits=output_router_logits,
-            attach_routing_loss=False,
+            # With labels the routing losses go into `loss` below; without, whatever loss the caller computes from
+            # the logits back-propagates into them (see `HydraModel.forward`).
+            attach_routing_loss=False if labels is not None else None,
         )
         hidden_states = outputs.last_hidden_state  # (B, T, E)
         record = outputs.routing
-        aux_loss = record.total_loss()
+        aux_loss = record.total_loss() if labels is not None else None
 
         logits, loss = None, None
         if labels is not None and self._use_fused_linear_cross_entropy(hidden_states):

@@ -69,22 +69,28 @@ def test_aux_loss_is_counted_per_item_with_num_items_in_batch():
 def test_backbone_under_an_external_lm_head_still_trains_the_routers():
     """TRL's fused LM head calls `model.model` and computes the CE itself: the routing aux losses are attached to
     the backbone's output gradient, so the gradients equal those of the model's own loss (CE + aux)."""
-    def grads(own_loss, attach=None):
+    def grads(how, attach=None):
         model = tiny_model(seed=2, router_threshold_momentum=0.0, **ROUTING_MODES["all"]).train()
         model.set_routing(mod_enabled=True, mor_enabled=True)
         x = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
-        if own_loss:
+        if how == "labels":
             model(x, labels=x).loss.backward()
         else:
-            hidden = model.model(x, attach_routing_loss=attach).last_hidden_state
-            logits = model.lm_head(hidden[:, :-1])
+            if how == "backbone":
+                logits = model.lm_head(model.model(x, attach_routing_loss=attach).last_hidden_state)
+            else:  # the causal LM without labels: the caller computes the loss from the logits
+                out = model(x)
+                assert out.aux_loss is None and out.logits is out[0]
+                logits = out.logits
+            logits = logits[:, :-1]
             F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    reference, attached, plain = grads(True), grads(False), grads(False, attach=False)
-    assert reference.keys() == attached.keys()
-    for name, g in reference.items():
-        torch.testing.assert_close(attached[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    reference, plain = grads("labels"), grads("backbone", attach=False)
+    for attached in (grads("backbone"), grads("logits")):
+        assert reference.keys() == attached.keys()
+        for name, g in reference.items():
+            torch.testing.assert_close(attached[name], g, rtol=1e-4, atol=1e-6, msg=name)
     # the MoD predictor learns only from its BCE: without the attachment it gets no gradient at all
     assert any("predictor" in n for n in attached) and not any("predictor" in n for n in plain)
 
