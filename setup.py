@@ -32,8 +32,9 @@ setup(
         "tensorboard>=2.15",
         "tqdm>=4.0",
     ],
-    # lm_eval: tests/test_evaluation.py runs the harness's `hf` model on HYDRA (docs/evaluation.md)
-    extras_require={"dev": ["pytest>=8.0", "lm_eval>=0.4.8"]},
+    # lm_eval: tests/test_evaluation.py runs the harness's `hf` model on HYDRA (docs/evaluation.md);
+    # trl: tests/test_finetuning.py trains HYDRA with TRL's SFTTrainer (its fused LM head is 1.x).
+    extras_require={"dev": ["pytest>=8.0", "lm_eval>=0.4.8", "trl>=1.16,<2"]},
     entry_points={
         "console_scripts": [
             "hydra-train=hydra_hf.cli.train:main",

@@ -336,7 +336,9 @@ class HydraConfig(PreTrainedConfig):
             raise ValueError(
                 f"num_hidden_layers ({self.num_hidden_layers}) must equal the effective depth of "
                 f"num_unique_blocks={self.num_unique_blocks} x mor_recursions={self.mor_recursions} "
-                f"({self.mor_sharing}) = {effective}; leave it unset to derive it"
+                f"({self.mor_sharing}) = {effective}; leave it unset to derive it. The depth comes from the "
+                "weight-shared blocks, so num_hidden_layers alone cannot make a shallower model: PEFT's shadow "
+                "adapters (a mirror backbone with fewer num_hidden_layers) are not supported for HYDRA"
             )
         if self.mor_sharing == "middle_cycle" and self.num_unique_blocks < 3:
             raise ValueError("mor_sharing='middle_cycle' needs num_unique_blocks >= 3 (first, middle, last)")

@@ -28,6 +28,7 @@ from transformers.utils import logging
 
 from .cache_hydra import HydraCache, HydraCacheLayer
 from .configuration_hydra import HydraConfig
+from .peft_hydra import register_peft_defaults
 from .ops_hydra import (
     causal_conv,
     causal_conv_state_len,
@@ -49,6 +50,7 @@ from .routing_hydra import (
     MoRRouter,
     RoutingRecord,
     RoutingState,
+    attach_aux_loss,
     build_layer_plan,
     compact_selection,
 )
@@ -380,6 +382,9 @@ class HydraModelOutput(ModelOutput):
             cover only the tokens the layer processed (when `output_attentions=True`).
         routing (`RoutingRecord`, *optional*):
             Routing losses and statistics of this forward pass.
+        router_logits (`tuple(torch.FloatTensor)`, *optional*):
+            MoE router logits, one `(batch_size * sequence_length, num_local_experts)` tensor per MoE block
+            (when `output_router_logits=True` and the model has MoE blocks), as in Mixtral.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -387,6 +392,7 @@ class HydraModelOutput(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     routing: RoutingRecord | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -397,7 +403,14 @@ class HydraCausalLMOutputWithPast(ModelOutput):
         loss (`torch.FloatTensor` of shape `(1,)`, *optional*):
             Next-token cross-entropy plus `aux_loss` (when `labels` are given).
         aux_loss (`torch.FloatTensor`, *optional*):
-            Sum of every enabled routing component's weighted auxiliary loss (already inside `loss`).
+            Sum of every enabled routing component's weighted auxiliary loss, as it is inside `loss` (only with
+            `labels`; a training forward without labels attaches the routing losses to the gradient of `logits`
+            instead, so a loss the caller computes from them trains the routers too, and leaves this `None`). When the
+            Trainer passes `num_items_in_batch` (the cross-entropy is then a sum over the micro-batch divided by
+            the item count of the whole accumulated, gathered batch), the aux loss is counted the same way, per
+            item: `aux * n_items / num_items_in_batch`, so that over the accumulated batch it adds up to the
+            item-weighted mean of the micro-batches' aux losses, however the batch is split. The unscaled
+            per-component values are in `routing.losses`.
         logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
             Next-token logits. `None` for a training forward with labels that used the fused linear
             cross-entropy (`config.fused_linear_cross_entropy`), which never materialises them.
@@ -410,6 +423,8 @@ class HydraCausalLMOutputWithPast(ModelOutput):
         routing (`RoutingRecord`, *optional*):
             Each component's loss and statistics as tensors: MoD selected fraction per routed layer,
             MoR depth histogram per block, MoE tokens per expert and routing entropy.
+        router_logits (`tuple(torch.FloatTensor)`, *optional*):
+            See `HydraModelOutput`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -419,6 +434,7 @@ class HydraCausalLMOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     routing: RoutingRecord | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
 class HydraPreTrainedModel(PreTrainedModel):
@@ -427,6 +443,10 @@ class HydraPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["HydraDecoderLayer", "HydraMoEBlock"]
+    # Routers (MoD / MoR `proj` and predictor, MoE `gate`) are tiny, some only 1 wide, and their top-k and
+    # threshold decisions are precision-sensitive: bitsandbytes 4/8-bit loading never quantizes them (these patterns
+    # are transformers' modules-not-to-convert), and a float16 load keeps them in float32.
+    _keep_in_fp32_modules = [r".*_routers\.\d+", r".*moe_blocks\.\d+\.gate"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = False
@@ -434,6 +454,10 @@ class HydraPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
     _is_stateful = False
+
+    def __init__(self, config: HydraConfig, *inputs, **kwargs):
+        super().__init__(config, *inputs, **kwargs)
+        register_peft_defaults()  # PEFT's default target modules for model_type "hydra" (see peft_hydra.py)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -486,6 +510,7 @@ class HydraModel(HydraPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        config.check_hydra_fields()  # fields changed after the config was built (e.g. PEFT's shadow adapters)
         self.plan: list[LayerPlan] = build_layer_plan(config)
         self.layers = nn.ModuleList([HydraDecoderLayer(config, i) for i in range(config.num_unique_blocks)])
         self.recursion_embedding = (
@@ -576,8 +601,21 @@ class HydraModel(HydraPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         domain_labels: torch.LongTensor | None = None,
+        output_router_logits: bool | None = None,
+        attach_routing_loss: bool | None = None,
         **kwargs,
     ) -> HydraModelOutput:
+        r"""
+        output_router_logits (`bool`, *optional*):
+            Return the MoE router logits (`router_logits`, one `(batch * seq_len, num_local_experts)` tensor per MoE
+            block), as Mixtral does. Defaults to `config.output_router_logits`.
+        attach_routing_loss (`bool`, *optional*):
+            Whether the routing auxiliary losses of a training forward are attached to the gradient of
+            `last_hidden_state` (see `attach_aux_loss`). `None` (default) attaches them in training mode with
+            gradients enabled: `HydraModel` called directly is a backbone under someone else's LM head and loss
+            (e.g. TRL's fused LM head), and attaching is the only way its routers still get their losses.
+            `HydraForCausalLM` passes `False`: it adds the losses to its own `loss`.
+        """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
@@ -588,11 +626,14 @@ class HydraModel(HydraPreTrainedModel):
         if self.gradient_checkpointing and self.training and use_cache:
             use_cache = False
         if past_key_values is not None and not isinstance(past_key_values, HydraCache):
-            if use_cache and past_key_values.get_seq_length() == 0:
+            if past_key_values.get_seq_length() == 0:
                 past_key_values = None  # an empty cache of another type (e.g. made by a caller): replace it
             else:
                 raise ValueError(
-                    f"past_key_values must be a HydraCache, got {type(past_key_values).__name__}"
+                    f"past_key_values must be a HydraCache, got a {type(past_key_values).__name__} holding "
+                    f"{past_key_values.get_seq_length()} positions. HYDRA caches latent, post-convolution keys per "
+                    "routed layer, so standard key/value prefixes cannot be injected: PEFT's prefix tuning is not "
+                    "supported for HYDRA (use LoRA, IA3 or prompt tuning, which work on inputs_embeds)"
                 )
         if input_ids is not None and input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
@@ -643,12 +684,30 @@ class HydraModel(HydraPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         if cache is not None:
             cache.seen_tokens += T
+        self.last_routing = record
+
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
+        router_logits = None
+        if output_router_logits and record.moe_router_logits:
+            router_logits = tuple(logits.reshape(B * T, -1) for logits in record.moe_router_logits)
+        if attach_routing_loss is None:
+            attach_routing_loss = self.training and torch.is_grad_enabled()
+        if attach_routing_loss:
+            # A caller that asks for the router logits computes the MoE load-balancing loss from them (the Mixtral
+            # contract, followed by TRL), so that one term is left to it.
+            skip = ("moe_balance",) if output_router_logits else ()
+            aux = record.total_loss(exclude=skip)
+            if aux is not None and aux.requires_grad:
+                hidden_states = attach_aux_loss(hidden_states, aux, self.routing_state.attached_aux_loss_scale)
         return HydraModelOutput(
             last_hidden_state=hidden_states,
             past_key_values=cache,
             hidden_states=all_hidden,
             attentions=all_attn,
             routing=record,
+            router_logits=router_logits,
         )
 
 
@@ -732,6 +791,33 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
             loss = loss / num_items_in_batch
         return loss
 
+    @staticmethod
+    def _aux_loss_per_item(
+        aux_loss: torch.Tensor,
+        labels: torch.LongTensor,  # (B, T)
+        num_items_in_batch: torch.Tensor | int | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        ignore_index: int = -100,
+        **kwargs,
+    ) -> torch.Tensor:
+        """The routing aux loss as it goes into `loss`, in the units of the cross-entropy.
+
+        Without `num_items_in_batch` the cross-entropy is this micro-batch's mean, and so is the aux loss. With it,
+        the cross-entropy is this micro-batch's sum divided by the item count N of the whole accumulated (and, across
+        processes, gathered) batch, and the Trainer neither divides by the accumulation steps nor averages the
+        processes' losses (DDP averages gradients, the Trainer multiplies the loss by the process count). Counting
+        the aux loss per item, `aux * n / N` with n this micro-batch's items, makes the accumulated, all-reduced
+        total the item-weighted mean of the micro-batches' aux losses: the same for 1 x 8, 2 x 4 or 2 processes x 4.
+        Items are counted as the Trainer counts them: `shift_labels` if given, else `labels[..., 1:]`, not -100.
+        """
+        if num_items_in_batch is None:
+            return aux_loss
+        targets = shift_labels if shift_labels is not None else labels[..., 1:]
+        n_items = (targets != ignore_index).sum().to(aux_loss.device, aux_loss.dtype)
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(aux_loss.device, aux_loss.dtype)
+        return aux_loss * n_items / num_items_in_batch
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -746,14 +832,22 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         domain_labels: torch.LongTensor | None = None,
+        output_router_logits: bool | None = None,
         **kwargs,
     ) -> HydraCausalLMOutputWithPast | tuple:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Targets for next-token prediction (shifted inside, -100 = ignored). When given, `loss` is the
-            cross-entropy plus every enabled routing component's weighted auxiliary loss.
+            cross-entropy plus every enabled routing component's weighted auxiliary loss. Without labels, a
+            training forward attaches the routing losses to the gradient of `logits` (see `attach_aux_loss`).
         domain_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Per-example domain ids used by MoE forced routing (`set_routing(moe_forced=...)`).
+        output_router_logits (`bool`, *optional*):
+            Also return the MoE router logits (`router_logits`), as Mixtral does.
+        num_items_in_batch (`int` or `torch.Tensor`, *optional*, in `kwargs`):
+            Passed by the `Trainer`: the number of label items of the whole accumulated (and gathered) batch. The
+            cross-entropy is then a sum divided by it, and the routing aux loss is counted per item too
+            (see `aux_loss` in `HydraCausalLMOutputWithPast`).
 
         Example:
 
@@ -774,11 +868,14 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             domain_labels=domain_labels,
+            output_router_logits=output_router_logits,
+            # With labels the routing losses go into `loss` below; without, whatever loss the caller computes from
+            # the logits back-propagates into them (see `HydraModel.forward`).
+            attach_routing_loss=False if labels is not None else None,
         )
         hidden_states = outputs.last_hidden_state  # (B, T, E)
         record = outputs.routing
-        self.model.last_routing = record
-        aux_loss = record.total_loss()
+        aux_loss = record.total_loss() if labels is not None else None
 
         logits, loss = None, None
         if labels is not None and self._use_fused_linear_cross_entropy(hidden_states):
@@ -790,7 +887,8 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
             if labels is not None:
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         if loss is not None and aux_loss is not None:
-            loss = loss + aux_loss.to(loss.device)
+            aux_loss = self._aux_loss_per_item(aux_loss.to(loss.device), labels, **kwargs)
+            loss = loss + aux_loss
 
         output = HydraCausalLMOutputWithPast(
             loss=loss,
@@ -800,6 +898,7 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             routing=record,
+            router_logits=outputs.router_logits,
         )
         return output if return_dict else output.to_tuple()
 

@@ -139,6 +139,9 @@ class RoutingState:
     mor_balance_loss_coef: float = 0.01
     router_aux_loss_coef: float = 0.01
     moe_z_loss_coef: float = 0.001
+    # Weight of the aux losses `HydraModel` attaches to its output's gradient when it runs as a backbone under
+    # another library's LM head and loss (see `attach_aux_loss`); the callbacks set 1 / gradient accumulation steps.
+    attached_aux_loss_scale: float = 1.0
 
     @classmethod
     def from_config(cls, config) -> "RoutingState":
@@ -159,6 +162,8 @@ class RoutingState:
                 for v in value if isinstance(value, list) else [value]:
                     if not 0.0 < v <= 1.0:
                         raise ValueError(f"mor_capacity values must be in (0, 1], got {value}")
+            if key == "attached_aux_loss_scale" and not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"attached_aux_loss_scale must be a number >= 0, got {value!r}")
             if key == "moe_forced" and value is not None and not isinstance(value, dict):
                 raise ValueError("moe_forced must be a dict {domain_label: expert_index} or None")
             setattr(self, key, value)
@@ -195,10 +200,11 @@ class RoutingRecord:
     def add_loss(self, name: str, value: torch.Tensor):
         self.losses[name] = self.losses[name] + value if name in self.losses else value
 
-    def total_loss(self) -> torch.Tensor | None:
-        if not self.losses:
+    def total_loss(self, exclude: tuple = ()) -> torch.Tensor | None:
+        values = [v for name, v in self.losses.items() if name not in exclude]
+        if not values:
             return None
-        return sum(self.losses.values())
+        return sum(values)
 
     def pop_hidden(self):
         out, self.hidden_states = tuple(self.hidden_states), []
@@ -298,6 +304,50 @@ def update_running_threshold(
     threshold.add_(momentum * mean_boundary.to(threshold.dtype))
 
 
+def router_input(x: torch.Tensor, linear: nn.Module) -> torch.Tensor:
+    """`x` in the dtype of a router's floating-point weight. Routers stay in float32 when the model is loaded in
+    float16 or quantized (`_keep_in_fp32_modules`), while the hidden states are in the model's dtype."""
+    weight = getattr(linear, "weight", None)
+    if weight is not None and weight.is_floating_point() and weight.dtype != x.dtype and not torch.is_autocast_enabled():
+        return x.to(weight.dtype)
+    return x
+
+
+def _is_trained(proj: nn.Module) -> bool:
+    """A router moves its running threshold only while its own weight is trained. Frozen routers (LoRA / QLoRA
+    fine-tuning, where an adapter on `proj` trains the adapter but not the weight, e.g. `target_modules="all-linear"`)
+    keep the threshold they were saved with, so base model + adapter reproduce the tuned model. A router copied into
+    `modules_to_save` trains its weight, moves its threshold, and PEFT saves both."""
+    return proj.weight.requires_grad
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on `hidden`; its backward also sends `scale` as the gradient of the scalar `aux`."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.aux_like = (aux.shape, aux.dtype, aux.device)
+        ctx.scale = scale
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        shape, dtype, device = ctx.aux_like
+        return grad_output, torch.full(shape, ctx.scale, dtype=dtype, device=device), None
+
+
+def attach_aux_loss(hidden: torch.Tensor, aux: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Return `hidden` unchanged, with `scale * aux` attached to the backward pass.
+
+    Any loss computed from the result back-propagates into `aux` as if `scale * aux` had been added to it. This is
+    how the routing losses reach the routers when `HydraModel` is used as a backbone and another library computes
+    the loss from its hidden states without adding `aux_loss` (TRL's fused LM head does exactly that). The loss value
+    itself does not contain the aux term. `scale` should be 1 / (gradient accumulation steps): DDP already averages
+    over processes, and the caller's cross-entropy is normalised over the accumulated batch.
+    """
+    return _AttachAuxLoss.apply(hidden, aux, float(scale))
+
+
 def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     if a is None:
         return b
@@ -352,14 +402,14 @@ class MoDRouter(nn.Module):
         layer_index: int,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Return (tokens to process (B, T) bool or None = all candidates, gate (B, T) or None)."""
-        raw_logits = self.proj(hidden_states).squeeze(-1).float()  # (B, T); the gate sees these
+        raw_logits = self.proj(router_input(hidden_states, self.proj)).squeeze(-1).float()  # (B, T); the gate sees these
         logits = raw_logits - self.threshold  # (B, T) calibrated: decisions and the BCE use these
         pred_logits = None
         if self.predictor is not None:
-            pred_logits = self.predictor(hidden_states.detach()).squeeze(-1).float()
+            pred_logits = self.predictor(router_input(hidden_states.detach(), self.predictor[0])).squeeze(-1).float()
         if self.training or not state.mod_enabled:
             target = topk_mask(logits, candidates, state.mod_capacity)
-            if self.training:
+            if self.training and _is_trained(self.proj):
                 update_running_threshold(self.threshold, logits, target, candidates, self.threshold_momentum)
         else:
             decider = pred_logits if pred_logits is not None else logits
@@ -404,11 +454,11 @@ class MoRRouter(nn.Module):
 
     def expert_choice(self, hidden_states, candidates, capacity, state, config, record):
         """-> (continuing tokens (B, T) bool or None, gate (B, T) or None)."""
-        raw_logits = self.proj(hidden_states).squeeze(-1).float()  # (B, T); the gate sees these
+        raw_logits = self.proj(router_input(hidden_states, self.proj)).squeeze(-1).float()  # (B, T); the gate sees these
         logits = raw_logits - self.threshold  # (B, T) calibrated: decisions and the BCE use these
         if self.training or not state.mor_enabled:
             target = topk_mask(logits, candidates, capacity)
-            if self.training:
+            if self.training and _is_trained(self.proj):
                 update_running_threshold(self.threshold, logits, target, candidates, self.threshold_momentum)
         else:
             target = logits > 0
@@ -427,7 +477,7 @@ class MoRRouter(nn.Module):
 
     def token_choice(self, hidden_states, token_valid, num_recursions, state, record):
         """-> (depth (B, T) long in 1..R or None = full depth, gate (B, T) or None)."""
-        logits = self.proj(hidden_states).float()  # (B, T, R)
+        logits = self.proj(router_input(hidden_states, self.proj)).float()  # (B, T, R)
         probs = logits.softmax(dim=-1)
         choice = probs.argmax(dim=-1)  # (B, T) in 0..R-1
         if self.training:
@@ -488,7 +538,7 @@ class HydraMoEBlock(nn.Module):
         if self.training and self.jitter > 0:
             noise = torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             router_in = x * noise
-        logits = self.gate(router_in).float()  # (N, X)
+        logits = self.gate(router_input(router_in, self.gate)).float()  # (N, X)
         probs = logits.softmax(dim=-1)
         backend = resolve_backend(self.kernel_backend, x.device)
 

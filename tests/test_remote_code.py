@@ -16,6 +16,7 @@ from conftest import ROUTING_MODES, tiny_model
 
 REMOTE_FILES = {
     "configuration_hydra.py",
+    "peft_hydra.py",
     "modeling_hydra.py",
     "routing_hydra.py",
     "cache_hydra.py",
@@ -44,9 +45,12 @@ ids = torch.load(f"{model_dir}/inputs.pt")
 with torch.no_grad():
     logits = model(ids).logits
     generated = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
+# PEFT's default target modules for model_type "hydra" come with the remote code (peft_hydra.py)
+from peft import LoraConfig, get_peft_model
+lora_targets = sorted(get_peft_model(model, LoraConfig(task_type="CAUSAL_LM")).peft_config["default"].target_modules)
 assert not any(m == "hydra_hf" or m.startswith("hydra_hf.") for m in sys.modules), "hydra_hf was imported"
 torch.save({"logits": logits, "generated": generated, "module": type(model).__module__,
-            "config_class": type(config).__name__}, out_path)
+            "config_class": type(config).__name__, "lora_targets": lora_targets}, out_path)
 """
 
 
@@ -78,3 +82,4 @@ def test_saved_model_loads_as_remote_code_without_the_package(tmp_path):
     assert remote["config_class"] == "HydraConfig"
     assert torch.allclose(remote["logits"], expected_logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(remote["generated"], expected_generated)
+    assert remote["lora_targets"] == ["q_proj", "v_proj"]

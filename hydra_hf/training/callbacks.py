@@ -36,18 +36,30 @@ logger = logging.getLogger("hydra_hf.training")
 
 
 class LossProbe:
-    """Forward hook on the model that collects the training loss, aux loss and token count per micro-batch.
+    """Forward hook on the model that collects each training micro-batch's cross-entropy and routing aux loss.
 
-    Shared by the callbacks (one hook per model). Values stay tensors until `step_value()` is called.
+    Shared by the callbacks (one hook per model). Every micro-batch is recorded as (CE sum, aux x items, items),
+    so that `step_value()` returns the item-weighted means over the whole optimizer step: all its accumulated
+    micro-batches and, under `torch.distributed`, all processes (one all-reduce per step, so every process makes
+    the same curriculum decision). This holds whichever loss convention the forward used:
+
+    - HYDRA's own output without `num_items_in_batch`: `loss` is the micro-batch mean CE plus `aux_loss`;
+    - with `num_items_in_batch` = N (the Trainer's convention under gradient accumulation): `loss` is the CE sum / N
+      plus `aux_loss` = aux * items / N (see `HydraForCausalLM.forward`);
+    - TRL's fused LM head (`log_probs`, `label_mask`): the CE sum is read from the log-probabilities, and the aux
+      loss from the routing record of the forward.
+
+    Items are counted like the Trainer: `shift_labels`, else `labels[..., 1:]`, not -100. Forwards in eval mode or
+    without gradients are not training micro-batches and are ignored. Values stay tensors until `step_value()`.
     """
 
     def __init__(self, model):
         self.model = model
-        self._loss = []
-        self._aux = []
+        self._records = []
         self.tokens = 0
         self._cached_step = None
         self._cached = None
+        self._device = None
         self.handle = model.register_forward_hook(self._hook, with_kwargs=True)
 
     @classmethod
@@ -58,32 +70,75 @@ class LossProbe:
             object.__setattr__(model, "_hydra_loss_probe", probe)
         return probe
 
+    def _routing_record(self, output):
+        record = getattr(output, "routing", None)
+        if record is not None:
+            return record
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return getattr(getattr(base, "model", None), "last_routing", None)
+
     def _hook(self, module, args, kwargs, output):
-        if not module.training:
+        if not module.training or not torch.is_grad_enabled():
             return
         loss = getattr(output, "loss", None)
         if loss is None:
             return
-        aux = getattr(output, "aux_loss", None)
-        self._loss.append(loss.detach())
-        self._aux.append(aux.detach() if aux is not None else torch.zeros((), device=loss.device))
+        loss = loss.detach().float().reshape(-1).mean()
+        device = loss.device
+        self._device = device
+        labels, shift_labels = kwargs.get("labels"), kwargs.get("shift_labels")
+        if shift_labels is not None:
+            items = (shift_labels != -100).sum()
+        elif labels is not None:
+            items = (labels[..., 1:] != -100).sum()
+        else:
+            items = torch.ones((), device=device)
+        items = items.to(device, torch.float32)
+        record = self._routing_record(output)
+        aux_total = record.total_loss() if record is not None else None
+        aux = aux_total.detach().float().to(device) if aux_total is not None else torch.zeros((), device=device)
+        log_probs, label_mask = getattr(output, "log_probs", None), getattr(output, "label_mask", None)
+        if log_probs is not None and label_mask is not None:  # TRL's fused LM head: no aux inside `loss`
+            ce_sum = -log_probs.detach().float().sum().to(device)
+            items = label_mask.sum().to(device, torch.float32)
+        else:
+            aux_in_loss = getattr(output, "aux_loss", None)
+            ce = loss - (aux_in_loss.detach().float().to(device) if torch.is_tensor(aux_in_loss) else 0.0)
+            num_items = kwargs.get("num_items_in_batch")
+            if num_items is not None:
+                ce_sum = ce * (num_items.to(device, torch.float32) if torch.is_tensor(num_items) else float(num_items))
+            else:
+                ce_sum = ce * items
+        self._records.append(torch.stack([ce_sum.reshape(()), (aux * items).reshape(()), items.reshape(())]))
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is not None:
             mask = kwargs.get("attention_mask")
             self.tokens += int(mask.sum()) if mask is not None else ids.numel()
 
+    def _all_reduce(self, totals: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if dist.get_backend() == "nccl" and totals.device.type != "cuda":
+                totals = totals.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        return totals
+
     def step_value(self, step: int) -> tuple[float, float] | None:
-        """Mean (total loss, aux loss) of the micro-batches of optimizer step `step` (the Trainer's
-        `global_step` after the update), or None. Every callback asking about the same step gets the same
-        value; the pending micro-batches are consumed on the first call for a new step."""
+        """(loss, aux loss) of optimizer step `step` (the Trainer's `global_step` after the update), or None:
+        loss = CE + aux, each the item-weighted mean over the step's micro-batches and processes. Every callback
+        asking about the same step gets the same value; the pending micro-batches are consumed on the first call
+        for a new step (under `torch.distributed` that call all-reduces, on every process)."""
         if self._cached_step == step:
             return self._cached
-        if not self._loss:
+        device = self._device if self._device is not None else torch.device("cpu")
+        totals = torch.stack(self._records).sum(dim=0) if self._records else torch.zeros(3, device=device)
+        self._records = []
+        ce_sum, aux_sum, items = (float(v) for v in self._all_reduce(totals).tolist())
+        if items <= 0:
             return None
-        loss = float(torch.stack([x.float() for x in self._loss]).mean())
-        aux = float(torch.stack([x.float().to(self._loss[0].device) for x in self._aux]).mean())
-        self._loss, self._aux = [], []
-        self._cached_step, self._cached = step, (loss, aux)
+        ce, aux = ce_sum / items, aux_sum / items
+        self._cached_step, self._cached = step, (ce + aux, aux)
         return self._cached
 
 
@@ -91,6 +146,14 @@ def unwrap(model):
     while hasattr(model, "module"):
         model = model.module
     return getattr(model, "_orig_mod", model)
+
+
+def set_attached_aux_loss_scale(model, args) -> None:
+    """Weight of the routing aux losses attached to the backbone's gradient (used when another library, e.g. TRL's
+    fused LM head, computes the loss from `HydraModel`'s hidden states): one micro-batch's share of the step,
+    1 / gradient accumulation steps, like the Trainer's own loss normalisation (DDP averages the processes)."""
+    if hasattr(model, "set_routing"):
+        model.set_routing(attached_aux_loss_scale=1.0 / max(1, int(args.gradient_accumulation_steps)))
 
 
 def _stored_state(state, name: str):
@@ -275,6 +338,7 @@ class RoutingCurriculumCallback(TrainerCallback, ExportableState):
             self.gate_open_step = attrs.get("gate_open_step")
         self._model = unwrap(model)
         self._probe = LossProbe.attach(self._model)
+        set_attached_aux_loss_scale(self._model, args)
         self.apply(self._model, state.global_step, state.max_steps)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
@@ -352,6 +416,7 @@ class RoutingMetricsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._model = unwrap(model)
         self._probe = LossProbe.attach(self._model)
+        set_attached_aux_loss_scale(self._model, args)
         self._t0 = time.perf_counter()
         self._tokens0 = self._probe.tokens
 
