@@ -31,6 +31,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hydra_hf import HydraConfig, HydraForCausalLM  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import train_flops_per_step  # noqa: E402
+
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
                             "tinyshakespeare.txt")
 
@@ -85,14 +88,7 @@ def hydra_config(vocab: int, block: int, **routing) -> HydraConfig:
 
 def train_flops_per_token(model, vocab: int, batch: int, block: int) -> float:
     """FLOPs of one forward + backward with labels, per token (the model's routing as configured)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.randint(0, vocab, (batch, block), generator=torch.Generator().manual_seed(0))
-    model.train()
-    with FlopCounterMode(display=False) as counter:
-        model(input_ids=x, labels=x).loss.backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / (batch * block)
+    return train_flops_per_step(model, vocab, batch, block) / (batch * block)
 
 
 def train_one(name, model, train_ds, val_ds, args_kw, out_dir):

@@ -47,6 +47,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hydra_hf import HydraConfig, HydraForCausalLM  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import train_flops_per_step  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt")
 
@@ -277,18 +280,6 @@ def lr_at(step: int, progress: float, lr: float = 1e-3, min_lr: float = 1e-4, wa
     if step < warmup:
         return lr * (step + 1) / warmup
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def train_flops_per_step(model, vocab: int, batch: int, block: int) -> float:
-    """FLOPs of one training forward + backward with labels (matmuls and attention; routing as configured)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.randint(0, vocab, (batch, block), generator=torch.Generator().manual_seed(0))
-    model.train()
-    with FlopCounterMode(display=False) as counter:
-        model(input_ids=x, labels=x).loss.backward()
-    model.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
 
 
 @torch.no_grad()
