@@ -1,103 +1,249 @@
-"""`HydraCache`: the generation cache of HYDRA, a subclass of transformers' `Cache`.
+"""`HydraCache`: the generation cache of HYDRA, a transformers `Cache` of `HydraCacheLayer`s.
 
-One `HydraCacheLayer` per effective layer (one slot per (block, recursion) pair, so a
-weight-shared block keeps one slot per pass). Each slot holds:
+One layer per effective layer (one slot per (block, recursion) pair, so a weight-shared block keeps
+one slot per pass). A layer holds:
 
-- latent post-RoPE keys and values, (B, Hk, S, h) each: Hk * h * 2 numbers per token, 1/C of
-  a Llama layer of the same width and KV heads;
-- for every cached column its position (B, S) and a validity flag (B, S): a routed layer only
-  appends the tokens it processed, and a column some rows skipped is masked for those rows;
-- the step (index in the input stream) at which each column was written, (S,), for `crop`;
-- the rolling state of the causal q/k convolutions: the last Ks + Kc - 2 pre-conv latent q and
-  k columns of the tokens this layer processed, (B, P, Hq*h) and (B, P, Hk*h);
-- the value-shift state: the previous processed token's value projection for the shifted
-  KV heads, (B, Hs*h) (Wv is linear, so this is the same as keeping the previous hidden state).
+- latent post-RoPE keys and values, (B, Hk, S, h) each: Hk * h * 2 numbers per token, 1/C of a
+  Llama layer of the same width and KV heads;
+- per cached column: a validity flag (B, S) bool and the input step that wrote it (B, S) int32.
+  A routed layer only appends the tokens it processed, so rows differ; a column some rows skipped
+  is invalid for those rows. Steps give causality (a query sees columns of earlier or equal steps)
+  and let `crop` remove exactly what the last n input steps wrote;
+- the rolling state, kept the way transformers' linear-attention layers keep their conv state: the
+  last P = Ks + Kc - 2 pre-conv latent q and k columns and the last value-shift source column of the
+  tokens this layer processed, right-aligned in one (B, W, Cq + Ck + Cs) buffer with the step of each
+  column (zeros and step -1 where a row has no history yet: the same as a sequence start). W is the
+  working width max(P, 1); after `activate_past_recording()` the buffer keeps every column until the
+  next `crop`, which puts back the state as it was after any earlier step and trims it to W again.
 
-`get_seq_length()` is the number of input positions seen (the same for every layer, whatever
-routing skipped), which is what `generate()` needs to slice new input ids.
+`get_seq_length()` is the number of input positions seen (the same for every layer, whatever routing
+skipped): what `generate()` needs to slice new input ids.
+
+`crop(tokens_to_remove)` follows transformers 5.x: a negative value removes that many of the latest input
+steps, 0 removes nothing and only trims the recorded rolling states, a positive value is an error.
+
+`HydraCache(config, max_cache_len=N)` is the static variant (`cache_implementation="static"`): buffers are
+preallocated with one column per input step (column i = step i) and written in place, so a decode step has
+fixed shapes and runs under `torch.compile`.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 
-class HydraCacheLayer:
-    """Cache slot of one effective layer. All tensors are created on the first `update`."""
+def _right_aligned_append(
+    buffer: torch.Tensor,  # (B, W, C) right-aligned, zeros where empty
+    buffer_steps: torch.Tensor,  # (B, W) int32, -1 where empty
+    new: torch.Tensor,  # (B, K, C) new columns, valid ones first
+    new_steps: torch.Tensor,  # (B, K)
+    counts: torch.Tensor | None,  # (B,) valid new columns per row; None = all K
+    keep: int,  # width of the result
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append each row's valid new columns after its old ones and keep the last `keep` columns, right-aligned."""
+    B, K, C = new.shape
+    full = torch.cat([buffer.to(new.dtype), new], dim=1)  # (B, W + K, C)
+    full_steps = torch.cat([buffer_steps, new_steps.to(buffer_steps.dtype)], dim=1)
+    if counts is None:
+        return full[:, -keep:], full_steps[:, -keep:]
+    # Row b's last column is at W + counts[b] - 1; gather the `keep` columns ending there (pad on the left).
+    W = buffer.shape[1]
+    pad = max(0, keep - W)
+    full = torch.cat([full.new_zeros(B, pad, C), full], dim=1)
+    full_steps = torch.cat([full_steps.new_full((B, pad), -1), full_steps], dim=1)
+    idx = counts.view(B, 1) + (W + pad - keep) + torch.arange(keep, device=new.device).view(1, keep)  # (B, keep)
+    return (
+        torch.gather(full, 1, idx.unsqueeze(-1).expand(-1, -1, C)),
+        torch.gather(full_steps, 1, idx),
+    )
+
+
+class HydraCacheLayer(CacheLayerMixin):
+    """Cache of one effective layer: latent keys/values with per-column validity and step, and the rolling state."""
 
     is_sliding = False
-    is_compileable = False
     supports_early_init = False
 
-    def __init__(self):
+    def __init__(self, rolling_width: int = 1, max_cache_len: int | None = None):
+        super().__init__()
+        self.rolling_width = rolling_width  # W: columns of conv / value-shift history the next forward needs
+        self.max_cache_len = max_cache_len  # static layout (one column per step) when set
         self.keys: torch.Tensor | None = None  # (B, Hk, S, h)
         self.values: torch.Tensor | None = None  # (B, Hk, S, h)
-        self.key_positions: torch.Tensor | None = None  # (B, S) int64
         self.key_valid: torch.Tensor | None = None  # (B, S) bool
-        self.key_steps: torch.Tensor | None = None  # (S,) int64
-        self.conv_q: torch.Tensor | None = None  # (B, P, Hq*h)
-        self.conv_k: torch.Tensor | None = None  # (B, P, Hk*h)
-        self.value_prev: torch.Tensor | None = None  # (B, Hs*h)
+        self.key_steps: torch.Tensor | None = None  # (B, S) int32
+        self.all_valid = True  # no invalid column stored (lets decode skip the mask)
+        self.rolling: torch.Tensor | None = None  # (B, W', Cq + Ck + Cs)
+        self.rolling_steps: torch.Tensor | None = None  # (B, W') int32
+        self.seen = 0  # input steps seen
         self.record_past = False
-        self._history: list[tuple[int, tuple]] = []
+        self.record_start = 0  # first step that `crop` can go back to
 
     @property
-    def is_initialized(self) -> bool:
-        return self.conv_q is not None or self.keys is not None
+    def is_compileable(self) -> bool:
+        return self.max_cache_len is not None
 
     @property
     def is_croppable(self) -> bool:
-        return self.record_past
+        return self.record_past or self.rolling is None
 
     def __repr__(self):
-        return f"HydraCacheLayer(columns={0 if self.keys is None else self.keys.shape[2]})"
+        return f"HydraCacheLayer(columns={self.num_columns()}, seen={self.seen})"
+
+    # ------------------------------------------------------------------ transformers' layer contract
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, Hk, _, h = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        if self.max_cache_len is None:
+            return
+        S = self.max_cache_len
+        self.keys = key_states.new_zeros(B, Hk, S, h)
+        self.values = value_states.new_zeros(B, Hk, S, h)
+        self.key_valid = torch.zeros(B, S, dtype=torch.bool, device=key_states.device)
+        self.key_steps = torch.arange(S, dtype=torch.int32, device=key_states.device).expand(B, S)
+        self.all_valid = False
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.max_cache_len is not None:
+            return self.max_cache_len, 0
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1 if self.max_cache_len is None else self.max_cache_len
+
+    def num_columns(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
 
     # ------------------------------------------------------------------ key/value columns
     def update(
         self,
         key_states: torch.Tensor,  # (B, Hk, K, h)
         value_states: torch.Tensor,  # (B, Hk, K, h)
-        positions: torch.Tensor,  # (B, K)
-        valid: torch.Tensor,  # (B, K) bool
-        step: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Append K new columns and return all keys, values, positions and validity."""
-        K = key_states.shape[2]
-        steps = torch.full((K,), step, dtype=torch.long, device=key_states.device)
+        steps: torch.Tensor,  # (B, K) input step of each new column
+        valid: torch.Tensor | None = None,  # (B, K) bool; None = all valid
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Store K new columns; return all keys, values, their validity (None = all valid) and steps."""
         if self.keys is None:
-            self.keys, self.values = key_states, value_states
-            self.key_positions, self.key_valid, self.key_steps = positions, valid, steps
+            self.lazy_initialization(key_states, value_states)
+        steps = steps.to(torch.int32)
+        if self.max_cache_len is not None:
+            # Static layout: column = step, written in place (fixed shapes for torch.compile).
+            B, Hk, K, h = key_states.shape
+            if valid is None:
+                valid = torch.ones(B, K, dtype=torch.bool, device=key_states.device)
+            col = steps.long().clamp(max=self.max_cache_len - 1)
+            idx = col.view(B, 1, K, 1).expand(B, Hk, K, h)
+            self.keys.scatter_(2, idx, key_states.to(self.keys.dtype))
+            self.values.scatter_(2, idx, value_states.to(self.values.dtype))
+            self.key_valid.scatter_(1, col, valid)
+            return self.keys, self.values, self.key_valid, self.key_steps
+        if valid is not None and self.all_valid:
+            if bool(valid.all()):
+                valid = None
+            else:
+                self.all_valid = False
+        if self.keys is None:
+            self.keys, self.values, self.key_steps = key_states, value_states, steps
+            self.key_valid = valid
         else:
             self.keys = torch.cat([self.keys, key_states], dim=2)
             self.values = torch.cat([self.values, value_states], dim=2)
-            self.key_positions = torch.cat([self.key_positions, positions], dim=1)
-            self.key_valid = torch.cat([self.key_valid, valid], dim=1)
-            self.key_steps = torch.cat([self.key_steps, steps], dim=0)
-        return self.keys, self.values, self.key_positions, self.key_valid
+            self.key_steps = torch.cat([self.key_steps, steps], dim=1)
+            if self.key_valid is not None or valid is not None:
+                past = self.key_valid if self.key_valid is not None else self._ones(self.key_steps.shape[0], self.key_steps.shape[1] - steps.shape[1])
+                new = valid if valid is not None else self._ones(*steps.shape)
+                self.key_valid = torch.cat([past, new], dim=1)
+        return self.keys, self.values, (None if self.all_valid else self.key_valid), self.key_steps
 
-    def past(self):
-        """The cached keys, values, positions and validity (all None when empty)."""
-        return self.keys, self.values, self.key_positions, self.key_valid
+    def _ones(self, B: int, S: int) -> torch.Tensor:
+        return torch.ones(B, S, dtype=torch.bool, device=self.keys.device)
 
-    def num_columns(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+    # ------------------------------------------------------------------ rolling state
+    def rolling_state(self) -> torch.Tensor | None:
+        """(B, W, Cq + Ck + Cs) the last W processed pre-conv columns, or None at a sequence start."""
+        if self.rolling is None:
+            return None
+        return self.rolling[:, -self.rolling_width :]
 
-    # ------------------------------------------------------------------ rolling states
-    def set_rolling_state(self, conv_q, conv_k, value_prev, seen_before: int):
-        if self.record_past:
-            self._history.append((seen_before, (self.conv_q, self.conv_k, self.value_prev)))
-        self.conv_q, self.conv_k, self.value_prev = conv_q, conv_k, value_prev
+    def update_rolling(
+        self,
+        columns: torch.Tensor,  # (B, K, Cq + Ck + Cs) pre-conv q, k and value-shift source of the new tokens
+        steps: torch.Tensor,  # (B, K)
+        counts: torch.Tensor | None,  # (B,) valid columns per row (valid first); None = all
+    ) -> None:
+        B, K, C = columns.shape
+        if self.rolling is None:
+            self.rolling = columns.new_zeros(B, self.rolling_width, C)
+            self.rolling_steps = torch.full((B, self.rolling_width), -1, dtype=torch.int32, device=columns.device)
+        keep = self.rolling.shape[1] + K if self.record_past else self.rolling_width
+        self.rolling, self.rolling_steps = _right_aligned_append(
+            self.rolling, self.rolling_steps, columns, steps, counts, keep
+        )
 
-    # ------------------------------------------------------------------ batch edits
+    # ------------------------------------------------------------------ rollback and batch edits
+    def activate_past_recording(self):
+        if not self.record_past:
+            self.record_past = True
+            self.record_start = self.seen
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove what the last `tokens_to_remove` input steps wrote (given as a negative int, as in transformers)."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"HydraCache.crop({tokens_to_remove}): pass a negative int, the number of latest tokens to remove "
+                "(transformers' Cache.crop contract); 0 only trims recorded states"
+            )
+        n = -tokens_to_remove
+        if n > 0:
+            limit = self.seen - n
+            if limit < 0:
+                raise ValueError(f"HydraCache.crop: cannot remove {n} tokens, the cache holds {self.seen}")
+            if self.rolling is not None and (not self.record_past or limit < self.record_start):
+                raise RuntimeError(
+                    f"HydraCache.crop({tokens_to_remove}) needs the rolling conv / value-shift states of step {limit}: "
+                    "call cache.activate_past_recording() before the forward passes you may want to undo "
+                    "(generate() does this for assisted decoding)"
+                )
+            self._drop_steps_from(limit)
+            self.seen = limit
+        if self.rolling is not None and self.rolling.shape[1] > self.rolling_width:
+            self.rolling = self.rolling[:, -self.rolling_width :]
+            self.rolling_steps = self.rolling_steps[:, -self.rolling_width :]
+        self.record_start = self.seen  # the trimmed buffer cannot go back further
+
+    def _drop_steps_from(self, limit: int) -> None:
+        if self.keys is not None:
+            if self.max_cache_len is not None:
+                self.key_valid &= self.key_steps < limit
+            else:
+                removed = self.key_steps >= limit  # (B, S)
+                kept_columns = (~removed).any(dim=0)  # (S,)
+                last = int(kept_columns.nonzero().max()) + 1 if bool(kept_columns.any()) else 0
+                self.keys, self.values = self.keys[:, :, :last], self.values[:, :, :last]
+                self.key_steps, removed = self.key_steps[:, :last], removed[:, :last]
+                if bool(removed.any()) or self.key_valid is not None:
+                    valid = self.key_valid[:, :last] if self.key_valid is not None else ~removed
+                    self.key_valid = valid & ~removed
+                    self.all_valid = bool(self.key_valid.all())
+        if self.rolling is not None:
+            # Columns written at steps >= limit sit at the right end of each row: shift them out.
+            B, W, C = self.rolling.shape
+            r = (self.rolling_steps >= limit).sum(dim=1)  # (B,)
+            padded = torch.cat([self.rolling.new_zeros(B, W, C), self.rolling], dim=1)
+            padded_steps = torch.cat([self.rolling_steps.new_full((B, W), -1), self.rolling_steps], dim=1)
+            idx = (W - r).view(B, 1) + torch.arange(W, device=r.device).view(1, W)  # (B, W)
+            self.rolling = torch.gather(padded, 1, idx.unsqueeze(-1).expand(-1, -1, C))
+            self.rolling_steps = torch.gather(padded_steps, 1, idx)
+
     def _map_batch(self, fn):
-        for name in ("keys", "values", "key_positions", "key_valid", "conv_q", "conv_k", "value_prev"):
+        for name in ("keys", "values", "key_valid", "key_steps", "rolling", "rolling_steps"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, fn(value))
-        self._history = [
-            (seen, tuple(None if t is None else fn(t) for t in states)) for seen, states in self._history
-        ]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -108,101 +254,81 @@ class HydraCacheLayer:
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
-    def crop(self, max_length: int) -> None:
-        """Keep only what the first `max_length` input positions wrote."""
-        if self.keys is not None:
-            keep = self.key_steps < max_length
-            if not bool(keep.all()):
-                self.keys, self.values = self.keys[:, :, keep], self.values[:, :, keep]
-                self.key_positions, self.key_valid = self.key_positions[:, keep], self.key_valid[:, keep]
-                self.key_steps = self.key_steps[keep]
-        # Restore the rolling conv / value-shift state written before position `max_length`.
-        while self._history and self._history[-1][0] >= max_length:
-            _, (self.conv_q, self.conv_k, self.value_prev) = self._history.pop()
-
     def reset(self) -> None:
-        self.__init__()
+        self.__init__(self.rolling_width, self.max_cache_len)
+
+    @property
+    def batch_size(self) -> int:
+        for t in (self.keys, self.rolling):
+            if t is not None:
+                return t.shape[0]
+        return -1
 
 
 class HydraCache(Cache):
     """Cache of a `HydraForCausalLM`: one `HydraCacheLayer` per effective layer.
 
-    Supports `reorder_cache` / `batch_select_indices` / `batch_repeat_interleave` (beam search and
-    contrastive search), `crop` (after `activate_past_recording()`, which `generate` calls for
-    assisted decoding) and left-padded batches (padding is never written as a valid column).
+    `generate()` creates it (also for assisted decoding, prompt lookup and as a draft model's cache, where it
+    records its rolling states so `crop` can undo rejected tokens). Supports `reorder_cache` /
+    `batch_select_indices` / `batch_repeat_interleave` (beam and contrastive search), `crop` with transformers'
+    semantics, and left-padded or routed batches (a skipped or padding token is never a valid column).
+    Pass `max_cache_len` for the preallocated static layout (`cache_implementation="static"`).
     """
 
-    def __init__(self, config=None, num_layers: int | None = None):
+    def __init__(self, config=None, num_layers: int | None = None, max_cache_len: int | None = None, **kwargs):
+        rolling_width = 1
+        if config is not None:
+            num_layers = num_layers if num_layers is not None else config.num_hidden_layers
+            conv_history = config.qk_conv_kernel_size + config.qk_channel_conv_kernel_size - 2
+            rolling_width = max(1, conv_history)
         if num_layers is None:
-            if config is None:
-                raise ValueError("HydraCache needs a HydraConfig or num_layers")
-            num_layers = config.num_hidden_layers
-        super().__init__(layers=[HydraCacheLayer() for _ in range(num_layers)])
-        self.seen_tokens = 0
+            raise ValueError("HydraCache needs a HydraConfig or num_layers")
+        super().__init__(layers=[HydraCacheLayer(rolling_width, max_cache_len) for _ in range(num_layers)])
+        self.max_cache_len = max_cache_len
+
+    @property
+    def seen_tokens(self) -> int:
+        return self.layers[0].seen if self.layers else 0
+
+    def advance(self, num_tokens: int) -> None:
+        """Called by `HydraModel.forward` once per forward: every layer has now seen `num_tokens` more steps."""
+        for layer in self.layers:
+            layer.seen += num_tokens
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Input positions seen so far (identical for every layer, whatever routing skipped)."""
         return self.seen_tokens
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.seen_tokens + query_length, 0
-
-    def get_max_length(self, layer_idx: int | None = None) -> int:
-        return -1
-
-    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
-        return self.seen_tokens > 0
-
-    @property
-    def is_compileable(self) -> bool:
-        return False
+        return self.layers[layer_idx].get_mask_sizes(query_length)
 
     @property
     def is_initialized(self) -> bool:
         return self.seen_tokens > 0
 
     @property
-    def is_croppable(self) -> bool:
-        return all(layer.record_past for layer in self.layers)
-
-    @property
     def batch_size(self) -> int:
         for layer in self.layers:
-            for t in (layer.keys, layer.conv_q):
-                if t is not None:
-                    return t.shape[0]
+            if layer.batch_size > 0:
+                return layer.batch_size
         return -1
 
-    def activate_past_recording(self):
-        for layer in self.layers:
-            layer.record_past = True
-
-    def crop(self, max_length: int) -> None:
-        """Drop everything written by input positions >= `max_length` (negative: drop that many)."""
-        if max_length < 0:
-            max_length = self.seen_tokens + max_length
-        if max_length >= self.seen_tokens:
-            return
-        if not self.is_croppable and any(layer.conv_q is not None for layer in self.layers):
-            raise ValueError(
-                "HydraCache.crop needs the rolling conv / value-shift states of earlier steps: call "
-                "cache.activate_past_recording() before the forward passes you may want to undo"
-            )
-        for layer in self.layers:
-            layer.crop(max_length)
-        self.seen_tokens = max_length
-
-    def reset(self):
-        super().reset()
-        self.seen_tokens = 0
-
     def kv_bytes(self) -> int:
-        """Bytes held by latent keys and values (the part that grows with the sequence)."""
+        """Bytes held by latent keys and values (the part that grows with the sequence, metadata excluded)."""
         total = 0
         for layer in self.layers:
             if layer.keys is not None:
                 total += layer.keys.numel() * layer.keys.element_size()
                 total += layer.values.numel() * layer.values.element_size()
+        return total
+
+    def cache_bytes(self) -> int:
+        """Bytes of everything the cache holds: keys, values, per-column validity and steps, rolling states."""
+        total = 0
+        for layer in self.layers:
+            for t in (layer.keys, layer.values, layer.key_valid, layer.key_steps, layer.rolling, layer.rolling_steps):
+                if t is not None and not (t is layer.key_steps and layer.max_cache_len is not None):
+                    total += t.numel() * t.element_size()
         return total
 
 

@@ -178,7 +178,7 @@ class HydraConfig(PreTrainedConfig):
     ```"""
 
     model_type = "hydra"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "routing"]
     attribute_map = {"num_experts": "num_local_experts"}
 
     vocab_size: int = 50257

@@ -1,21 +1,25 @@
 """PyTorch HYDRA model: CCGQA latent attention, weight-shared recursive blocks and routing.
 
-Reads like transformers' own modeling files: RMSNorm, rotary embedding, MLP, attention,
-decoder block, `PreTrainedModel`, `HydraModel`, `HydraForCausalLM`. Routing (MoD, MoR, MoE)
-lives in `routing_hydra.py`; this file calls it.
+Reads like transformers' own modeling files: RMSNorm, rotary embedding, MLP, attention, decoder
+block, MoE block, `PreTrainedModel`, `HydraModel`, `HydraForCausalLM`.
 
-Every effective layer runs either densely on all tokens, or on a *compact* sequence: the
-tokens it processes (routing-selected and not padding) are gathered into (B, K, E) in their
-original order, the block runs on them only (true RoPE positions, causal mask among them,
-convolutions and value shift over that sub-sequence), and its output is scatter-added back,
-gated. Padding is handled by the same mechanism, which is why pad tokens can never leak into
-the convolutions or the value shift.
+`HydraModel.forward` owns the loop over the effective layers (`build_layer_plan`). At each layer it
+asks that layer's routers (leaves in `routing_hydra.py`, which never calls back here) which tokens
+to process, then runs the block either densely on all tokens or on a *compact* sequence: the tokens
+it processes (routing-selected and not padding) are gathered into (B, K, E) in their original order,
+the block runs on them only (true RoPE positions, causal mask among them by input step,
+convolutions and value shift over that sub-sequence), and its output is scatter-added back, gated.
+Padding is handled by the same mechanism, which is why pad tokens never leak into the convolutions
+or the value shift. Packed sequences (`position_ids` restarting inside a row) are kept apart in
+attention, the convolutions, the value shift and the per-sequence routing top-k.
+
+What one layer needs besides its hidden states travels in one `HydraLayerInputs`, by keyword.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +32,6 @@ from transformers.utils import logging
 
 from .cache_hydra import HydraCache, HydraCacheLayer
 from .configuration_hydra import HydraConfig
-from .peft_hydra import register_peft_defaults
 from .ops_hydra import (
     causal_conv,
     causal_conv_state_len,
@@ -36,6 +39,8 @@ from .ops_hydra import (
     fused_linear_cross_entropy,
     gather_tokens,
     linear_cross_entropy_is_fused,
+    moe_permute,
+    moe_unpermute,
     qk_mean,
     qk_norm_rope,
     resolve_backend,
@@ -43,16 +48,25 @@ from .ops_hydra import (
     scatter_gated_add,
     swiglu,
 )
+from .peft_hydra import register_peft_defaults
 from .routing_hydra import (
-    HydraMoEBlock,
+    ExpertChoiceRouter,
+    ExpertRouting,
     LayerPlan,
     MoDRouter,
     MoRRouter,
     RoutingRecord,
     RoutingState,
+    TokenChoiceRouter,
     attach_aux_loss,
     build_layer_plan,
     compact_selection,
+    forced_experts,
+    mor_layer_capacity,
+    num_recursion_groups,
+    route_experts,
+    router_input,
+    sequence_ids_from_positions,
 )
 
 logger = logging.get_logger(__name__)
@@ -87,20 +101,10 @@ class HydraRotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        compiling = torch.compiler.is_compiling()
-        if not compiling:
-            # Every dense layer of one eager forward asks for the same positions: reuse the last
-            # result when it is the very same (unmodified) position tensor, dtype and device.
-            key = (position_ids._version, x.dtype, x.device)
-            last = getattr(self, "_last", None)
-            if last is not None and last[0] is position_ids and last[1] == key:
-                return last[2]
+        """cos, sin (B, T, r) for `position_ids` (B, T); computed once per forward by `HydraModel`."""
         freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)  # (B, T, r/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, r)
-        result = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        if not compiling:
-            self._last = (position_ids, key, result)
-        return result
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
 class HydraMLP(nn.Module):
@@ -157,49 +161,77 @@ def eager_attention_forward(
 
 
 def build_attention_mask(
-    query_len: int,
-    past_valid: torch.Tensor | None,  # (B, S_past) bool validity of cached columns
-    new_valid: torch.Tensor | None,  # (B, K) bool validity of the new columns
-    batch_size: int,
-    device: torch.device,
-) -> torch.Tensor | None:
-    """Boolean (B, 1, K, S_past + K) mask: cached valid columns, causal among the new ones.
+    query_steps: torch.Tensor,  # (B, K) input step of each query
+    key_steps: torch.Tensor,  # (B, S) input step of each key column
+    key_valid: torch.Tensor | None,  # (B, S) bool keys that may be seen; None = all
+    query_valid: torch.Tensor | None,  # (B, K) bool real query slots; None = all
+    query_sequence: torch.Tensor | None,  # (B, K) packed-sequence id of each query; None = one sequence
+    key_sequence: torch.Tensor | None,  # (B, S) packed-sequence id of each key
+) -> torch.Tensor:
+    """Boolean (B, 1, K, S) mask, True = attend: a query sees valid keys of earlier or equal steps in its sequence.
 
-    Order inside the new (compact) sequence is causal order; positions are only used for RoPE,
-    so packed sequences with position resets still get a correct causal mask. Each query may
-    always see its own column, so no row is ever empty (no NaN from padding slots). Returns
-    None when the plain causal rule with no past is enough (the SDPA fast path).
+    Each query always sees its own column and a padding slot sees everything, so no row is ever empty (no NaN
+    from padding slots or from static routing's hidden keys; those rows are discarded by the caller).
     """
-    past_len = 0 if past_valid is None else past_valid.shape[1]
-    if past_len == 0 and new_valid is None:
-        return None
-    causal = torch.ones(query_len, query_len, dtype=torch.bool, device=device).tril()  # (K, K)
-    new_part = causal.unsqueeze(0).expand(batch_size, -1, -1)  # (B, K, K)
-    if new_valid is not None:
-        new_part = new_part & new_valid[:, None, :]
-        new_part = new_part | torch.eye(query_len, dtype=torch.bool, device=device)
-    if past_len == 0:
-        return new_part.unsqueeze(1)
-    past_part = past_valid[:, None, :].expand(-1, query_len, -1)  # (B, K, S_past)
-    return torch.cat([past_part, new_part], dim=-1).unsqueeze(1)  # (B, 1, K, S)
+    diff = key_steps[:, None, :] - query_steps[:, :, None]  # (B, K, S)
+    visible = diff <= 0
+    if key_valid is not None:
+        visible = visible & key_valid[:, None, :]
+    if query_sequence is not None:
+        visible = visible & (key_sequence[:, None, :] == query_sequence[:, :, None])
+    visible = visible | (diff == 0)
+    if query_valid is not None:
+        visible = visible | ~query_valid[:, :, None]
+    return visible.unsqueeze(1)
+
+
+def expand_attention_weights(
+    weights: torch.Tensor,  # (B, H, K, S) over the layer's queries and key columns
+    query_steps: torch.Tensor,  # (B, K)
+    key_steps: torch.Tensor,  # (B, S)
+    query_valid: torch.Tensor | None,  # (B, K)
+    past_length: int,
+    total_length: int,
+) -> torch.Tensor:
+    """(B, H, T, total_length) attention over input positions: zeros for rows and columns a layer skipped."""
+    if key_steps.shape[1] > total_length:  # static cache: columns past the last step are empty
+        weights, key_steps = weights[..., :total_length], key_steps[:, :total_length]
+    B, H, K, S = weights.shape
+    T = total_length - past_length
+    if query_valid is not None:
+        weights = weights * query_valid[:, None, :, None].to(weights.dtype)
+    rows = (query_steps - past_length).long().clamp(0, T - 1)  # (B, K)
+    by_row = weights.new_zeros(B, H, T, S).scatter(2, rows[:, None, :, None].expand(B, H, K, S), weights)
+    cols = key_steps.long().clamp(0, total_length - 1)  # (B, S)
+    return weights.new_zeros(B, H, T, total_length).scatter(3, cols[:, None, None, :].expand(B, H, T, S), by_row)
 
 
 def _shift_in(
     x: torch.Tensor,  # (B, K, C) new columns, valid ones first
-    state: torch.Tensor | None,  # (B, P, C) previous columns or None (sequence start)
-    counts: torch.Tensor | None,  # (B,) valid columns per row, None = all K
-    P: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prepend the rolling state and return (state ++ x, the new last-P-valid-columns state)."""
-    B, K, C = x.shape
+    state: torch.Tensor | None,  # (B, 1, C) the previous column or None (sequence start)
+) -> torch.Tensor:
+    """(B, K, C): each column replaced by its predecessor (the state for the first, zeros at a sequence start)."""
     if state is None:
-        state = x.new_zeros(B, P, C)
-    full = torch.cat([state.to(x.dtype), x], dim=1)  # (B, P + K, C)
-    if counts is None:
-        return full, full[:, K:]
-    idx = counts.view(B, 1) + torch.arange(P, device=x.device).view(1, P)  # (B, P)
-    new_state = torch.gather(full, 1, idx.unsqueeze(-1).expand(-1, -1, C))
-    return full, new_state
+        return F.pad(x[:, :-1], (0, 0, 1, 0))
+    return torch.cat([state.to(x.dtype), x[:, :-1]], dim=1)
+
+
+@dataclass
+class HydraLayerInputs:
+    """Everything an effective layer needs besides its hidden states, for the (B, K) tokens it runs on.
+
+    Built by `HydraModel.forward` (gathered for a compact layer) and passed by keyword down to attention.
+    """
+
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]  # cos, sin (B, K, r)
+    steps: torch.Tensor  # (B, K) index of each token in the input stream (past + t): causality and the cache
+    token_valid: torch.Tensor | None = None  # (B, K) bool real slots, valid first; None = all
+    sequence_ids: torch.Tensor | None = None  # (B, K) packed-sequence id; None = one sequence per row
+    key_visible: torch.Tensor | None = None  # (B, K) bool keys others may attend to (static routing)
+    cache_layer: HydraCacheLayer | None = None
+    past_length: int = 0  # input steps before this forward
+    input_length: int = 0  # T, input steps of this forward
+    output_attentions: bool = False  # return weights over input positions (B, H, T, past + T)
 
 
 class HydraAttention(nn.Module):
@@ -244,17 +276,13 @@ class HydraAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,  # (B, K, E) normalised block input
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],  # cos, sin (B, K, r)
-        valid: torch.Tensor | None = None,  # (B, K) bool real slots (valid first); None = all
-        cache_layer: HydraCacheLayer | None = None,
-        cache_step: int = 0,
-        positions: torch.Tensor | None = None,  # (B, K) true positions, stored with cached keys
-        key_visible: torch.Tensor | None = None,  # (B, K) bool keys others may see (static routing)
+        inputs: HydraLayerInputs,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, K, _ = hidden_states.shape
         Hq, Hk, h, Hs = self.num_heads, self.num_key_value_heads, self.head_dim, self.num_shift_heads
         backend = resolve_backend(self.kernel_backend, hidden_states.device)
+        valid, sequence_ids, cache_layer = inputs.token_valid, inputs.sequence_ids, inputs.cache_layer
 
         q = self.q_proj(hidden_states)  # (B, K, Hq*h)
         k = self.k_proj(hidden_states)  # (B, K, Hk*h)
@@ -264,33 +292,39 @@ class HydraAttention(nn.Module):
         if self.use_qk_mean:
             q_mean, k_mean = qk_mean(q.view(B, K, Hq, h), k.view(B, K, Hk, h), backend=backend)
 
-        counts = None if valid is None else valid.sum(dim=1)  # (B,)
+        # Rolling state of this layer in the cache: last P pre-conv q / k columns, last value-shift source.
+        Cq, Ck, P = Hq * h, Hk * h, self.conv_state_len
+        history = cache_layer.rolling_state() if cache_layer is not None else None  # (B, W, Cq + Ck + Hs*h)
         conv_q_state = conv_k_state = value_prev = None
-        if cache_layer is not None:
-            conv_q_state, conv_k_state, value_prev = cache_layer.conv_q, cache_layer.conv_k, cache_layer.value_prev
-
-        P = self.conv_state_len
-        q_conv = causal_conv(q, self.q_seq_conv, self.q_chan_conv, Hq, state=conv_q_state, backend=backend)
-        k_conv = causal_conv(k, self.k_seq_conv, self.k_chan_conv, Hk, state=conv_k_state, backend=backend)
-
-        # Value shift: the last Hs KV heads read the previous processed token's values.
-        new_value_prev = None
-        if Hs > 0:
-            shifted_src = v[:, :, Hk - Hs :].reshape(B, K, Hs * h)  # (B, K, Hs*h)
-            prev = None if value_prev is None else value_prev.unsqueeze(1)
-            full, new_prev = _shift_in(shifted_src, prev, counts, 1)  # (B, 1 + K, Hs*h)
-            shifted = full[:, :K].view(B, K, Hs, h)
-            v = torch.cat([v[:, :, : Hk - Hs], shifted], dim=2)  # (B, K, Hk, h)
-            new_value_prev = new_prev.squeeze(1)
-
-        if cache_layer is not None:
-            new_conv_q = new_conv_k = None
+        if history is not None:
+            W = history.shape[1]
             if P > 0:
-                _, new_conv_q = _shift_in(q, conv_q_state, counts, P)
-                _, new_conv_k = _shift_in(k, conv_k_state, counts, P)
-            cache_layer.set_rolling_state(new_conv_q, new_conv_k, new_value_prev, cache_step)
+                conv_q_state, conv_k_state = history[:, W - P :, :Cq], history[:, W - P :, Cq : Cq + Ck]
+            if Hs > 0:
+                value_prev = history[:, W - 1 :, Cq + Ck :]  # (B, 1, Hs*h)
+        q_conv = causal_conv(
+            q, self.q_seq_conv, self.q_chan_conv, Hq, state=conv_q_state, sequence_ids=sequence_ids, backend=backend
+        )
+        k_conv = causal_conv(
+            k, self.k_seq_conv, self.k_chan_conv, Hk, state=conv_k_state, sequence_ids=sequence_ids, backend=backend
+        )
 
-        cos, sin = position_embeddings
+        # Value shift: the last Hs KV heads read the previous processed token's values (zeros at a sequence start).
+        shift_source = None
+        if Hs > 0:
+            shift_source = v[:, :, Hk - Hs :].reshape(B, K, Hs * h)  # (B, K, Hs*h)
+            shifted = _shift_in(shift_source, value_prev)
+            if sequence_ids is not None:
+                same = F.pad(sequence_ids[:, 1:] == sequence_ids[:, :-1], (1, 0), value=True)  # (B, K)
+                shifted = shifted * same.unsqueeze(-1).to(shifted.dtype)
+            v = torch.cat([v[:, :, : Hk - Hs], shifted.view(B, K, Hs, h)], dim=2)  # (B, K, Hk, h)
+
+        if cache_layer is not None:
+            columns = [q, k] if shift_source is None else [q, k, shift_source]
+            counts = None if valid is None else valid.sum(dim=1)  # (B,)
+            cache_layer.update_rolling(torch.cat(columns, dim=-1), inputs.steps, counts)
+
+        cos, sin = inputs.position_embeddings
         q_out, k_out = qk_norm_rope(
             q_conv.view(B, K, Hq, h), k_conv.view(B, K, Hk, h), q_mean, k_mean, self.key_temperature,
             cos, sin, backend=backend,
@@ -299,15 +333,21 @@ class HydraAttention(nn.Module):
         key_states = k_out.transpose(1, 2)  # (B, Hk, K, h)
         value_states = v.transpose(1, 2)  # (B, Hk, K, h)
 
-        new_visible = valid if key_visible is None else (key_visible if valid is None else valid & key_visible)
-        past_valid = None
+        stored_valid = valid
+        if inputs.key_visible is not None:
+            stored_valid = inputs.key_visible if valid is None else valid & inputs.key_visible
+        key_steps, key_valid = inputs.steps, stored_valid
         if cache_layer is not None:
-            past_valid = cache_layer.key_valid
-            stored_valid = new_visible if new_visible is not None else torch.ones(B, K, dtype=torch.bool, device=q.device)
-            key_states, value_states, _, _ = cache_layer.update(
-                key_states, value_states, positions, stored_valid, cache_step
+            key_states, value_states, key_valid, key_steps = cache_layer.update(
+                key_states, value_states, inputs.steps, stored_valid
             )
-        attention_mask = build_attention_mask(K, past_valid, new_visible, B, q.device)
+        S = key_states.shape[2]
+        attention_mask = None
+        if key_valid is not None or valid is not None or sequence_ids is not None or (K > 1 and S != K):
+            key_sequence = sequence_ids
+            if sequence_ids is not None and S != K:  # cached columns continue the row's first sequence
+                key_sequence = F.pad(sequence_ids, (S - K, 0), value=0)
+            attention_mask = build_attention_mask(inputs.steps, key_steps, key_valid, valid, sequence_ids, key_sequence)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -322,6 +362,10 @@ class HydraAttention(nn.Module):
             scaling=self.scaling,
         )
         attn_output = attn_output.reshape(B, K, Hq * h)
+        if inputs.output_attentions and attn_weights is not None:
+            attn_weights = expand_attention_weights(
+                attn_weights, inputs.steps, key_steps, valid, inputs.past_length, inputs.past_length + inputs.input_length
+            )
         return self.o_proj(attn_output), attn_weights
 
 
@@ -343,27 +387,64 @@ class HydraDecoderLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,  # (B, K, E)
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        positions: torch.Tensor,  # (B, K)
-        valid: torch.Tensor | None = None,
-        cache_layer: HydraCacheLayer | None = None,
-        cache_step: int = 0,
-        recursion_embedding: torch.Tensor | None = None,  # (E,)
-        key_visible: torch.Tensor | None = None,  # (B, K) bool
+        recursion_embedding: torch.Tensor | None = None,  # (E,) added on recursion passes of a shared block
+        *,
+        inputs: HydraLayerInputs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if recursion_embedding is not None:
             hidden_states = hidden_states + recursion_embedding
-        attn_out, attn_weights = self.self_attn(
-            self.input_layernorm(hidden_states),
-            position_embeddings,
-            valid=valid,
-            cache_layer=cache_layer,
-            cache_step=cache_step,
-            positions=positions,
-            key_visible=key_visible,
-        )
+        attn_out, attn_weights = self.self_attn(self.input_layernorm(hidden_states), inputs)
         mlp_out = self.mlp(self.post_attention_layernorm(hidden_states + attn_out))
         return attn_out + mlp_out, attn_weights
+
+
+class HydraMoEBlock(nn.Module):
+    """FFN-only Mixture-of-Experts residual block; the expert choice is `routing_hydra.route_experts` (Mixtral's)."""
+
+    def __init__(self, config: HydraConfig):
+        super().__init__()
+        self.num_experts = config.num_local_experts
+        self.top_k = config.num_experts_per_tok
+        self.jitter = config.moe_router_jitter
+        self.kernel_backend = config.kernel_backend
+        self.norm = HydraRMSNorm(config.hidden_size, config.rms_norm_eps, config.kernel_backend)
+        self.gate = nn.Linear(config.hidden_size, self.num_experts, bias=False)
+        inter = config.moe_intermediate_size or config.intermediate_size
+        self.experts = nn.ModuleList([HydraMLP(config, inter) for _ in range(self.num_experts)])
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # (B, T, E)
+        *,
+        state: RoutingState,
+        token_valid: torch.Tensor | None = None,  # (B, T) bool real tokens
+        forced: torch.Tensor | None = None,  # (B * T,) forced expert per token or -1 (`forced_experts`)
+    ) -> tuple[torch.Tensor, ExpertRouting, torch.Tensor]:
+        """-> (hidden states + expert output, the routing decision, router logits (B * T, X))."""
+        B, T, E = hidden_states.shape
+        x = self.norm(hidden_states).reshape(B * T, E)  # (N, E)
+        router_in = x
+        if self.training and self.jitter > 0:
+            router_in = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        logits = self.gate(router_input(router_in, self.gate)).float()  # (N, X)
+        routing = route_experts(
+            logits, self.top_k, dense=state.moe_dense, forced=forced,
+            token_valid=None if token_valid is None else token_valid.reshape(-1), training=self.training,
+            balance_weight=state.router_aux_loss_coef, z_weight=state.moe_z_loss_coef,
+        )
+        backend = resolve_backend(self.kernel_backend, x.device)
+        permuted, tokens_per_expert, sorted_pairs = moe_permute(
+            x, routing.expert_index, self.num_experts, backend=backend
+        )  # (N*k', E), (X,), (N*k',)
+        outputs = []
+        start = 0
+        for e, count in enumerate(tokens_per_expert.tolist()):  # the expert dispatch (a graph break under compile)
+            if count:
+                outputs.append(self.experts[e](permuted[start : start + count]))
+            start += count
+        expert_out = torch.cat(outputs, dim=0) if outputs else permuted[:0]
+        y = moe_unpermute(expert_out, sorted_pairs, routing.weights.to(expert_out.dtype), backend=backend)  # (N, E)
+        return hidden_states + y.view(B, T, E).to(hidden_states.dtype), routing, logits
 
 
 @dataclass
@@ -378,8 +459,9 @@ class HydraModelOutput(ModelOutput):
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
             Embeddings and the hidden states after every effective layer (when `output_hidden_states=True`).
         attentions (`tuple(torch.FloatTensor)`, *optional*):
-            Attention probabilities of every effective layer, eager attention only; for routed layers they
-            cover only the tokens the layer processed (when `output_attentions=True`).
+            Attention probabilities of every effective layer, `(batch_size, num_heads, sequence_length,
+            past + sequence_length)` over input positions, with zero rows and columns for tokens the layer skipped
+            (routing) or never stored (padding); eager attention only (when `output_attentions=True`).
         routing (`RoutingRecord`, *optional*):
             Routing losses and statistics of this forward pass.
         router_logits (`tuple(torch.FloatTensor)`, *optional*):
@@ -454,15 +536,12 @@ class HydraPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
     _is_stateful = False
+    # token-choice MoR routers of checkpoints saved before they lost their (unused) threshold buffer
+    _keys_to_ignore_on_load_unexpected = [r"mor_routers\.\d+\.threshold"]
 
     def __init__(self, config: HydraConfig, *inputs, **kwargs):
         super().__init__(config, *inputs, **kwargs)
         register_peft_defaults()  # PEFT's default target modules for model_type "hydra" (see peft_hydra.py)
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        # HYDRA builds its own HydraCache inside forward.
-        return False
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -496,13 +575,17 @@ class HydraPreTrainedModel(PreTrainedModel):
         elif isinstance(module, HydraModel):
             if module.recursion_embedding is not None:
                 init.zeros_(module.recursion_embedding)
-        elif isinstance(module, (MoDRouter, MoRRouter)):
+        elif isinstance(module, (ExpertChoiceRouter, TokenChoiceRouter)):
             module.reset_parameters(std)
-            init.zeros_(module.threshold)  # running top-k boundary; a loaded value is kept
+            if isinstance(module, ExpertChoiceRouter):
+                init.zeros_(module.threshold)  # running top-k boundary; a loaded value is kept
 
 
 class HydraModel(HydraPreTrainedModel):
-    """The HYDRA decoder stack: embeddings, blocks laid out by `build_layer_plan`, final norm."""
+    """The HYDRA decoder stack: embeddings, blocks laid out by `build_layer_plan`, final norm.
+
+    `forward` owns the loop over the effective layers: routers (leaves) decide, `_run_layer` computes.
+    """
 
     def __init__(self, config: HydraConfig):
         super().__init__(config)
@@ -525,6 +608,7 @@ class HydraModel(HydraPreTrainedModel):
         self.norm = HydraRMSNorm(config.hidden_size, config.rms_norm_eps, config.kernel_backend)
         self.rotary_emb = HydraRotaryEmbedding(config)
         self.routing_state = RoutingState.from_config(config)
+        self.num_recursion_groups = num_recursion_groups(self.plan)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -534,61 +618,71 @@ class HydraModel(HydraPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _positions(self, attention_mask, batch_size, seq_len, past_len, device):
+    @staticmethod
+    def _default_position_ids(attention_mask, batch_size, seq_len, past_len, device):
         if attention_mask is not None:
             # Left padding: real tokens count from 0 (the usual HF convention).
             pos = attention_mask.long().cumsum(-1) - 1
             return pos.clamp(min=0)[:, -seq_len:]
         return (torch.arange(seq_len, device=device) + past_len).unsqueeze(0).expand(batch_size, -1)
 
-    def run_block(
+    def _run_layer(
         self,
+        layer: HydraDecoderLayer,
         hidden_states: torch.Tensor,  # (B, T, E)
-        layer_idx: int,
-        block: HydraDecoderLayer,
-        positions: torch.Tensor,  # (B, T)
+        inputs: HydraLayerInputs,  # for all T tokens of this forward
+        *,
         active: torch.Tensor | None,  # (B, T) bool tokens this layer processes; None = all
+        index: torch.Tensor | None,  # (B, k) the same tokens as indices when every row keeps k (static shape)
         gate: torch.Tensor | None,  # (B, T) multiplier of the update; None = 1
-        cache: HydraCache | None,
-        cache_step: int,
         recursion_embedding: torch.Tensor | None,
-        key_visible: torch.Tensor | None = None,  # (B, T) static routing: keys that stay visible
     ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """Run `block` on the active tokens only and add its gated update back.
+        """Run `layer` on the active tokens only and add its gated update back.
 
-        Returns the new hidden states, the attention weights and the number of token slots the
-        block ran on (B * K), which the routing statistics and the FLOP tests read.
+        Returns the new hidden states, the attention weights and the number of token slots the layer ran on
+        (B * K), which the routing statistics and the FLOP tests read.
         """
-        cache_layer = cache.layers[layer_idx] if cache is not None else None
-        backend = resolve_backend(self.config.kernel_backend, hidden_states.device)
         B, T, _ = hidden_states.shape
+        if self.config.static_routing and active is not None:
+            # Fixed shapes: every real token is computed, unselected ones get weight 0 and are hidden as keys.
+            gate = _mul(gate, active.to(hidden_states.dtype))
+            inputs = replace(inputs, key_visible=active)
+            active, index = inputs.token_valid, None
         if active is None:
-            pos_emb = self.rotary_emb(hidden_states, positions)
-            update, attn = block(
-                hidden_states, pos_emb, positions, None, cache_layer, cache_step, recursion_embedding, key_visible
-            )
+            update, attn = layer(hidden_states, recursion_embedding, inputs=inputs)
             if gate is not None:
                 update = update * gate.unsqueeze(-1).to(update.dtype)
             return hidden_states + update, attn, B * T
 
-        index, valid = compact_selection(active)  # (B, K), (B, K)
-        K = index.shape[1]
-        if K == 0:
-            return hidden_states, None, 0
+        valid = None
+        if index is None:
+            index, valid = compact_selection(active)  # (B, K), (B, K)
+            if index.shape[1] == 0:
+                attn = None
+                if inputs.output_attentions:
+                    total = inputs.past_length + T
+                    attn = hidden_states.new_zeros(B, self.config.num_attention_heads, T, total)
+                return hidden_states, attn, 0
+            if bool(valid.all()):
+                valid = None
+        backend = resolve_backend(self.config.kernel_backend, hidden_states.device)
         x = gather_tokens(hidden_states, index, backend=backend)  # (B, K, E)
-        sel_positions = torch.gather(positions, 1, index)  # (B, K)
-        pos_emb = self.rotary_emb(x, sel_positions)
-        all_valid = bool(valid.all())
-        sel_visible = None if key_visible is None else torch.gather(key_visible, 1, index)
-        update, attn = block(
-            x, pos_emb, sel_positions, None if all_valid else valid, cache_layer, cache_step, recursion_embedding,
-            sel_visible,
+        cos, sin = inputs.position_embeddings
+        r_index = index.unsqueeze(-1).expand(-1, -1, cos.shape[-1])  # (B, K, r)
+        compact = replace(
+            inputs,
+            position_embeddings=(torch.gather(cos, 1, r_index), torch.gather(sin, 1, r_index)),
+            steps=torch.gather(inputs.steps, 1, index),
+            token_valid=valid,
+            sequence_ids=None if inputs.sequence_ids is None else torch.gather(inputs.sequence_ids, 1, index),
+            key_visible=None if inputs.key_visible is None else torch.gather(inputs.key_visible, 1, index),
         )
-        scale = valid.to(update.dtype)
+        update, attn = layer(x, recursion_embedding, inputs=compact)
+        scale = None if valid is None else valid.to(update.dtype)
         if gate is not None:
-            scale = scale * torch.gather(gate, 1, index).to(update.dtype)
+            scale = _mul(scale, torch.gather(gate, 1, index).to(update.dtype))
         hidden_states = scatter_gated_add(hidden_states, update, index, scale, backend=backend)
-        return hidden_states, attn, B * K
+        return hidden_states, attn, B * index.shape[1]
 
     def forward(
         self,
@@ -600,12 +694,18 @@ class HydraModel(HydraPreTrainedModel):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         domain_labels: torch.LongTensor | None = None,
         output_router_logits: bool | None = None,
         attach_routing_loss: bool | None = None,
         **kwargs,
-    ) -> HydraModelOutput:
+    ) -> HydraModelOutput | tuple:
         r"""
+        position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Positions of the tokens (RoPE). Positions that restart inside a row (not the previous real token's + 1)
+            start a new packed sequence, as `DataCollatorWithFlattening` and TRL's `padding_free` make them: packed
+            sequences never see each other (attention, convolutions, value shift) and routing picks its top-k per
+            sequence, so a padding-free batch gives the logits of the padded batch.
         output_router_logits (`bool`, *optional*):
             Return the MoE router logits (`router_logits`, one `(batch * seq_len, num_local_experts)` tensor per MoE
             block), as Mixtral does. Defaults to `config.output_router_logits`.
@@ -616,13 +716,14 @@ class HydraModel(HydraPreTrainedModel):
             (e.g. TRL's fused LM head), and attaching is the only way its routers still get their losses.
             `HydraForCausalLM` passes `False`: it adds the losses to its own `loss`.
         """
+        config, state = self.config, self.routing_state
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        output_router_logits = output_router_logits if output_router_logits is not None else config.output_router_logits
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        use_cache = use_cache if use_cache is not None else (config.use_cache and not self.training)
         if self.gradient_checkpointing and self.training and use_cache:
             use_cache = False
         if past_key_values is not None and not isinstance(past_key_values, HydraCache):
@@ -642,9 +743,14 @@ class HydraModel(HydraPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         B, T, _ = inputs_embeds.shape
         if use_cache and past_key_values is None:
-            past_key_values = HydraCache(self.config)
+            past_key_values = HydraCache(config)
         cache = past_key_values if use_cache else None
         past_len = cache.get_seq_length() if cache is not None else 0
+        if cache is not None and cache.max_cache_len is not None and past_len + T > cache.max_cache_len:
+            raise ValueError(
+                f"The static HydraCache holds max_cache_len={cache.max_cache_len} positions; {past_len} are used and "
+                f"{T} more were given. Build it with a larger max_cache_len (generate: max_new_tokens / max_length)."
+            )
 
         token_valid = None
         if attention_mask is not None:
@@ -659,39 +765,129 @@ class HydraModel(HydraPreTrainedModel):
             token_valid = attention_mask[:, -T:].bool()
             if bool(token_valid.all()):
                 token_valid = None
+        sequence_ids = None
         if position_ids is None:
-            position_ids = self._positions(attention_mask, B, T, past_len, inputs_embeds.device)
-        elif position_ids.ndim == 1:
-            position_ids = position_ids.unsqueeze(0)
-        position_ids = position_ids.expand(B, -1)
+            position_ids = self._default_position_ids(attention_mask, B, T, past_len, inputs_embeds.device)
+        else:
+            if position_ids.ndim == 1:
+                position_ids = position_ids.unsqueeze(0)
+            position_ids = position_ids.expand(B, -1)
+            sequence_ids = sequence_ids_from_positions(position_ids, token_valid)
+            if sequence_ids is not None and cache is not None and cache.max_cache_len is not None:
+                raise ValueError("packed sequences (position_ids restarting inside a row) need the dynamic HydraCache")
+
+        hidden_states = inputs_embeds
+        steps = (torch.arange(T, device=hidden_states.device) + past_len).unsqueeze(0).expand(B, -1)  # (B, T)
+        inputs = HydraLayerInputs(
+            position_embeddings=self.rotary_emb(hidden_states, position_ids),  # computed once for every layer
+            steps=steps,
+            token_valid=token_valid,
+            sequence_ids=sequence_ids,
+            past_length=past_len,
+            input_length=T,
+            output_attentions=output_attentions,
+        )
+        forced = None
+        if state.moe_forced is not None and domain_labels is not None and len(self.moe_blocks):
+            forced = forced_experts(state.moe_forced, domain_labels.to(hidden_states.device), T)
 
         record = RoutingRecord()
-        hidden_states = inputs_embeds
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_attn = () if output_attentions else None
+        router_logits = ()
+        # Exact candidates per row while no padding / packing makes rows differ: expert-choice top-k then has a
+        # static size k and the layer gathers with its indices (no data-dependent shape: the training step compiles).
+        full_count = T if token_valid is None and sequence_ids is None else None
+        R = config.mor_recursions
+        for plan in self.plan:
+            if plan.group < 0 or plan.group_start:
+                # A new recursion group (or an unshared layer): every token starts active again.
+                mor_active = mor_index = mor_gate = depth = None
+                mor_count = full_count
+                depth_count = torch.zeros_like(steps) if (config.mor_enabled and plan.group >= 0) else None
 
-        from .routing_hydra import run_layer_stack
+            if plan.mor_router is not None:
+                router = self.mor_routers[plan.mor_router]
+                if isinstance(router, TokenChoiceRouter):
+                    out = router(
+                        hidden_states, token_valid=token_valid, routing_on=state.mor_enabled,
+                        balance_weight=state.mor_balance_loss_coef, ponder_weight=state.mor_ponder_loss_coef,
+                        z_weight=state.mor_z_loss_coef,
+                    )
+                    depth, mor_gate = out.depth, out.gate
+                else:
+                    out = router(
+                        hidden_states, candidates=_and(mor_active, token_valid),
+                        capacity=mor_layer_capacity(state.mor_capacity, plan.group, self.num_recursion_groups, plan.recursion),
+                        routing_on=state.mor_enabled, bce_weight=state.mod_aux_weight(config),
+                        ponder_weight=state.mor_ponder_loss_coef, z_weight=state.mor_z_loss_coef,
+                        sequence_ids=sequence_ids, candidate_count=mor_count,
+                    )
+                    mor_gate = out.gate
+                    if out.selected is not None:
+                        mor_active, mor_index = out.selected, out.index
+                        mor_count = None if out.index is None else out.index.shape[1]
+                _add_losses(record, "mor", out.losses)
 
-        hidden_states = run_layer_stack(
-            self, hidden_states, position_ids, token_valid, cache, past_len, record,
-            all_hidden, all_attn, domain_labels,
-        )
-        if output_hidden_states:
-            all_hidden = record.pop_hidden()
-        if output_attentions:
-            all_attn = record.pop_attentions()
+            if depth is not None:  # token choice: depth decided up front
+                layer_active, layer_index, layer_count = depth > plan.recursion, None, None
+            else:
+                layer_active, layer_index, layer_count = mor_active, mor_index, mor_count
+            layer_gate = mor_gate if plan.recursion >= 1 else None
+            if plan.recursion_start and depth_count is not None:
+                depth_count = depth_count + (1 if layer_active is None else layer_active.long())
+            candidates = _and(layer_active, token_valid)
+
+            if plan.mod_router is not None:
+                out = self.mod_routers[plan.mod_router](
+                    hidden_states, candidates=candidates, capacity=state.mod_capacity, routing_on=state.mod_enabled,
+                    bce_weight=state.mod_aux_weight(config), sequence_ids=sequence_ids, candidate_count=layer_count,
+                )
+                _add_losses(record, "mod", out.losses)
+                if out.selected is not None:
+                    n_candidates = candidates.sum() if candidates is not None else torch.tensor(float(B * T))
+                    record.mod_selected_fraction[plan.index] = (
+                        out.selected.sum().float() / n_candidates.clamp_min(1)
+                    ).detach()
+                    candidates, layer_index, layer_gate = out.selected, out.index, _mul(layer_gate, out.gate)
+
+            cache_layer = cache.layers[plan.index] if cache is not None else None
+            hidden_states, attn, processed = self._run_layer(
+                self.layers[plan.block],
+                hidden_states,
+                replace(inputs, cache_layer=cache_layer) if cache_layer is not None else inputs,
+                active=candidates,
+                index=layer_index,
+                gate=layer_gate,
+                recursion_embedding=None if self.recursion_embedding is None else self.recursion_embedding[plan.recursion],
+            )
+            record.tokens_processed[plan.index] = processed
+            if output_attentions:
+                all_attn += (attn,)
+
+            if plan.group_end and depth_count is not None:
+                real = token_valid if token_valid is not None else torch.ones_like(depth_count, dtype=torch.bool)
+                depths = torch.arange(1, R + 1, device=depth_count.device)
+                record.mor_depth_histogram[plan.group] = (
+                    ((depth_count.unsqueeze(-1) == depths) & real.unsqueeze(-1)).sum(dim=(0, 1))
+                )  # (R,) tokens by final depth
+
+            if plan.moe_block is not None:
+                hidden_states, expert_routing, logits = self.moe_blocks[plan.moe_block](
+                    hidden_states, state=state, token_valid=token_valid, forced=forced
+                )
+                _add_losses(record, "moe", expert_routing.losses)
+                record.moe_tokens_per_expert[plan.moe_block] = expert_routing.tokens_per_expert
+                record.moe_entropy[plan.moe_block] = expert_routing.entropy
+                router_logits += (logits,)
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
 
         hidden_states = self.norm(hidden_states)
         if cache is not None:
-            cache.seen_tokens += T
-        self.last_routing = record
+            cache.advance(T)
+        self.last_routing = record  # the latest forward's record, for `routing_summary()` and logging callbacks
 
-        output_router_logits = (
-            output_router_logits if output_router_logits is not None else self.config.output_router_logits
-        )
-        router_logits = None
-        if output_router_logits and record.moe_router_logits:
-            router_logits = tuple(logits.reshape(B * T, -1) for logits in record.moe_router_logits)
         if attach_routing_loss is None:
             attach_routing_loss = self.training and torch.is_grad_enabled()
         if attach_routing_loss:
@@ -700,15 +896,37 @@ class HydraModel(HydraPreTrainedModel):
             skip = ("moe_balance",) if output_router_logits else ()
             aux = record.total_loss(exclude=skip)
             if aux is not None and aux.requires_grad:
-                hidden_states = attach_aux_loss(hidden_states, aux, self.routing_state.attached_aux_loss_scale)
-        return HydraModelOutput(
+                hidden_states = attach_aux_loss(hidden_states, aux, state.attached_aux_loss_scale)
+        output = HydraModelOutput(
             last_hidden_state=hidden_states,
             past_key_values=cache,
             hidden_states=all_hidden,
             attentions=all_attn,
             routing=record,
-            router_logits=router_logits,
+            router_logits=router_logits if output_router_logits and router_logits else None,
         )
+        return output if return_dict else output.to_tuple()
+
+
+def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a & b
+
+
+def _mul(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a * b
+
+
+def _add_losses(record: RoutingRecord, component: str, losses: dict) -> None:
+    for name, value in losses.items():
+        record.add_loss(f"{component}_{name}", value)
 
 
 class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
@@ -756,6 +974,41 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
         """The last forward's routing losses and statistics as plain Python numbers."""
         record = record if record is not None else getattr(self.model, "last_routing", None)
         return {} if record is None else record.summary()
+
+    # ------------------------------------------------------------------ generation
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
+    ) -> None:
+        """`generate()` builds the cache here: a `HydraCache`, static (preallocated) for `cache_implementation="static"`.
+
+        A user-passed cache is used as is. An assistant (draft) model's cache records its rolling states so that
+        `crop` can undo the rejected draft tokens.
+        """
+        user_cache = model_kwargs.get("past_key_values")
+        if user_cache is not None:
+            if generation_config.cache_implementation is not None:
+                raise ValueError(
+                    "Passing both `cache_implementation` and `past_key_values` (a Cache object) is unsupported. "
+                    "Please use only one of the two."
+                )
+            user_cache._is_user_defined = True
+            return
+        if generation_config.use_cache is False:
+            return
+        implementation = generation_config.cache_implementation
+        if implementation in (None, "dynamic"):
+            cache = HydraCache(self.config)
+        elif implementation == "static":
+            max_len = max(max_cache_length, generation_config.max_cache_len or 0)
+            cache = HydraCache(self.config, max_cache_len=max_len)
+        else:
+            raise ValueError(
+                f"cache_implementation={implementation!r} is not supported by HYDRA: use None / 'dynamic' (HydraCache) "
+                "or 'static' (HydraCache preallocated to max_length)"
+            )
+        if generation_config.is_assistant:
+            cache.activate_past_recording()
+        model_kwargs["past_key_values"] = cache
 
     # ------------------------------------------------------------------ loss
     def _use_fused_linear_cross_entropy(self, hidden_states: torch.Tensor) -> bool:
@@ -857,7 +1110,7 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
         >>> model = AutoModelForCausalLM.from_config(hydra_hf.HydraConfig.from_preset("debug", vocab_size=256))
         >>> out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5)
         ```"""
-        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -869,6 +1122,7 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             domain_labels=domain_labels,
             output_router_logits=output_router_logits,
+            return_dict=True,
             # With labels the routing losses go into `loss` below; without, whatever loss the caller computes from
             # the logits back-propagates into them (see `HydraModel.forward`).
             attach_routing_loss=False if labels is not None else None,

@@ -170,9 +170,13 @@ def _liger_ok(backend: str, *tensors: torch.Tensor) -> bool:
     return True
 
 
-def causal_conv(x, seq_weight, chan_weight, num_heads, state=None, backend="torch"):
-    """CCGQA causal depthwise + per-head channel conv. x (B, T, C) -> (B, T, C); see ``causal_conv_ref``."""
+def causal_conv(x, seq_weight, chan_weight, num_heads, state=None, sequence_ids=None, backend="torch"):
+    """CCGQA causal depthwise + per-head channel conv. x (B, T, C) -> (B, T, C); see ``causal_conv_ref``.
+
+    ``sequence_ids`` (B, T) (packed sequences) runs the reference, which restarts the convs at each new id."""
     mod = _triton_module(backend, "causal_conv", x, seq_weight, chan_weight, state)
+    if sequence_ids is not None:
+        return causal_conv_ref(x, seq_weight, chan_weight, num_heads, state, sequence_ids)
     if mod is not None and not triton_limit_violations(
         qk_conv_kernel_size=seq_weight.shape[-1], qk_channel_conv_kernel_size=chan_weight.shape[-1],
         latent_head_dim=x.shape[-1] // max(num_heads, 1),

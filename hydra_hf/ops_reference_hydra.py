@@ -27,6 +27,7 @@ def causal_conv_ref(
     chan_weight: torch.Tensor,  # (C, C // H, Kc) per-head channel mixing over time
     num_heads: int,
     state: torch.Tensor | None = None,  # (B, Ks + Kc - 2, C) previous pre-conv columns, oldest first
+    sequence_ids: torch.Tensor | None = None,  # (B, T) packed-sequence id; the state belongs to id 0
 ) -> torch.Tensor:
     """Causal depthwise sequence conv followed by a causal conv grouped per head.
 
@@ -34,6 +35,9 @@ def causal_conv_ref(
     The two convs have no bias, so zero history gives zero intermediate values, which is the
     same as zero-padding each conv on its own. Equal to
     ``conv1d(conv1d(cat(state, x), seq_weight, groups=C), chan_weight, groups=H)`` (tested).
+    With ``sequence_ids`` every tap only reads columns of the token's own sequence, which equals running each
+    packed sequence on its own from a zero history (segments are contiguous, so checking the two ends of a tap
+    is enough).
     """
     B, T, C = x.shape
     Ks = seq_weight.shape[-1]
@@ -47,15 +51,26 @@ def causal_conv_ref(
     # Depthwise "valid" conv over time as a sum of shifted products (much faster than a
     # depthwise conv1d on CPU): mid[t] = sum_j w[:, j] * xp[t + j].
     L1 = T + Kc - 1
-    mid = xp[:, 0:L1] * seq_weight[:, 0]
-    for j in range(1, Ks):
-        mid = mid + xp[:, j : j + L1] * seq_weight[:, j]  # (B, L1, C)
+    if sequence_ids is not None:
+        seq = F.pad(sequence_ids, (P, 0), value=0)  # (B, P + T) history columns belong to sequence 0
+        mid_seq = seq[:, Ks - 1 : Ks - 1 + L1]  # (B, L1) sequence of each mid column's own token
+        same = [(seq[:, j : j + L1] == mid_seq).unsqueeze(-1).to(x.dtype) for j in range(Ks)]
+        mid = xp[:, 0:L1] * seq_weight[:, 0] * same[0]
+        for j in range(1, Ks):
+            mid = mid + xp[:, j : j + L1] * seq_weight[:, j] * same[j]  # (B, L1, C)
+    else:
+        mid = xp[:, 0:L1] * seq_weight[:, 0]
+        for j in range(1, Ks):
+            mid = mid + xp[:, j : j + L1] * seq_weight[:, j]  # (B, L1, C)
     # Per-head channel mixing over Kc taps: out[t, head] = sum_j W[head, :, :, j] @ mid[t + j, head].
     w2 = chan_weight.view(H, h, h, Kc)  # (H, h_out, h_in, Kc), conv1d's grouped layout
     mid = mid.view(B, L1, H, h)
-    out = torch.einsum("bthi,hoi->btho", mid[:, 0:T], w2[..., 0])
-    for j in range(1, Kc):
-        out = out + torch.einsum("bthi,hoi->btho", mid[:, j : j + T], w2[..., j])
+    out = 0
+    for j in range(Kc):
+        tap = mid[:, j : j + T]  # (B, T, H, h)
+        if sequence_ids is not None:
+            tap = tap * (mid_seq[:, j : j + T] == sequence_ids)[:, :, None, None].to(x.dtype)
+        out = out + torch.einsum("bthi,hoi->btho", tap, w2[..., j])
     return out.reshape(B, T, C)  # (B, T, C)
 
 

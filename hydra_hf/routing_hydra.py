@@ -1,17 +1,22 @@
-"""HYDRA routing: Mixture-of-Depths, Mixture-of-Recursions and Mixture-of-Experts.
+"""HYDRA routing decisions: Mixture-of-Depths, Mixture-of-Recursions and Mixture-of-Experts.
 
-- `build_layer_plan` lays the effective layers out over the weight-shared blocks
-  (`mor_sharing` "sequence" or "middle_cycle") and says which routers and MoE blocks act where.
-- `MoDRouter` (arXiv 2404.02258): expert-choice top-k per sequence in training; a BCE loss
-  teaches the logit the causal inference rule "process iff logit > 0", where the logit is the
-  projection minus a running estimate of the training top-k boundary (`update_running_threshold`).
-- `MoRRouter` (arXiv 2507.10524): expert choice (hierarchical top-k per recursion, same BCE
-  rule) or token choice (depth chosen up front from the token's own state, balancing loss).
-- `HydraMoEBlock`: Mixtral-style top-k FFN experts, dispatch by sorting tokens per expert.
-- `run_layer_stack` runs the plan: each layer gets the set of tokens it processes and a gate,
-  and `HydraModel.run_block` gathers exactly those tokens, so skipped compute is really skipped.
-- `RoutingState` holds the run-time switches (curricula flip them without rebuilding the model);
-  `RoutingRecord` collects each forward's losses and statistics.
+This file decides; `modeling_hydra.py` computes. It imports nothing from the modeling file.
+
+- `build_layer_plan` lays the effective layers out over the weight-shared blocks (`mor_sharing`
+  "sequence" or "middle_cycle") and says which router and MoE block act at each layer.
+- `ExpertChoiceRouter` is the one expert-choice router, used by Mixture-of-Depths (arXiv 2404.02258,
+  `MoDRouter`) and by MoR expert choice (arXiv 2507.10524, `MoRRouter`): top-k per sequence in training;
+  a BCE loss teaches the logit the causal inference rule "process iff logit > 0", where the logit is
+  the projection minus a running estimate of the training top-k boundary (`update_running_threshold`).
+- `TokenChoiceRouter` (MoR token choice): each token's depth is chosen up front from its own state,
+  with a balancing loss.
+- `route_experts`: Mixtral's top-k expert choice for the MoE blocks (softmax, top-k, renormalised),
+  with the dense warm-up and forced-expert modes and the balance / z losses.
+- Routers return a small `RouterOutput` (selected tokens, gate, logits, losses); `HydraModel.forward`
+  owns the layer loop and assembles the `RoutingRecord` from these outputs.
+- `RoutingState` holds the run-time switches (curricula flip them without rebuilding the model).
+
+Adding a routing mode means a config field and a router here; the layer loop only reads `RouterOutput`.
 """
 
 from __future__ import annotations
@@ -22,12 +27,6 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .ops_hydra import (
-    moe_permute,
-    moe_unpermute,
-    resolve_backend,
-)
 
 # ---------------------------------------------------------------------------- layout
 
@@ -115,6 +114,7 @@ def mor_layer_capacity(cap, group: int, num_groups: int, recursion: int) -> floa
     return 0.4 + 0.4 * group / (num_groups - 1)
 
 
+
 # ---------------------------------------------------------------------------- state & record
 
 
@@ -179,6 +179,9 @@ class RoutingState:
 class RoutingRecord:
     """Losses and statistics of one forward pass (tensors; `summary()` gives Python numbers).
 
+    Written only by `HydraModel.forward`'s layer loop, from the routers' `RouterOutput`s and the MoE blocks'
+    `ExpertRouting`s; routers never see it.
+
     - `losses`: name -> weighted loss tensor (summed into `aux_loss`), e.g. "mod_bce", "mor_ponder",
       "moe_balance", "moe_z".
     - `mod_selected_fraction`: effective layer -> fraction of the candidate tokens processed.
@@ -192,10 +195,7 @@ class RoutingRecord:
     mor_depth_histogram: dict = field(default_factory=dict)
     moe_tokens_per_expert: dict = field(default_factory=dict)
     moe_entropy: dict = field(default_factory=dict)
-    moe_router_logits: list = field(default_factory=list)
     tokens_processed: dict = field(default_factory=dict)
-    hidden_states: list = field(default_factory=list)
-    attentions: list = field(default_factory=list)
 
     def add_loss(self, name: str, value: torch.Tensor):
         self.losses[name] = self.losses[name] + value if name in self.losses else value
@@ -205,14 +205,6 @@ class RoutingRecord:
         if not values:
             return None
         return sum(values)
-
-    def pop_hidden(self):
-        out, self.hidden_states = tuple(self.hidden_states), []
-        return out
-
-    def pop_attentions(self):
-        out, self.attentions = tuple(self.attentions), []
-        return out
 
     def summary(self) -> dict:
         """Flat dict of floats / lists for logging (e.g. `routing/mod_fraction/layer_3`)."""
@@ -244,7 +236,29 @@ class RoutingRecord:
         return out
 
 
-# ---------------------------------------------------------------------------- helpers
+
+
+# ---------------------------------------------------------------------------- selection helpers
+
+
+def sequence_ids_from_positions(
+    position_ids: torch.Tensor,  # (B, T)
+    token_valid: torch.Tensor | None,  # (B, T) bool or None = all real
+) -> torch.Tensor | None:
+    """(B, T) id of the packed sequence each token belongs to, or None when every row is one sequence.
+
+    A new sequence starts where a real token's position is not its real predecessor's + 1 (the convention of
+    `DataCollatorWithFlattening` and TRL's `padding_free`: positions restart at 0 inside a row). Padding never
+    starts a sequence, so left- or right-padded batches stay on the single-sequence fast path.
+    """
+    if position_ids.shape[1] < 2:
+        return None
+    restart = position_ids[:, 1:] != position_ids[:, :-1] + 1  # (B, T-1)
+    if token_valid is not None:
+        restart = restart & token_valid[:, 1:] & token_valid[:, :-1]
+    if not bool(restart.any()):
+        return None
+    return F.pad(restart.long(), (1, 0)).cumsum(dim=1)  # (B, T), 0 for the first sequence of each row
 
 
 def compact_selection(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,20 +274,43 @@ def compact_selection(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return order, valid
 
 
-def topk_mask(scores: torch.Tensor, candidates: torch.Tensor | None, capacity: float) -> torch.Tensor:
-    """(B, T) scores -> bool mask of the top ceil(capacity * n_candidates) candidates of each row."""
+def topk_count(capacity: float, n: int) -> int:
+    """Tokens kept out of `n` at `capacity`: ceil(capacity * n), at least 1, at most n."""
+    return min(n, max(1, math.ceil(capacity * n - 1e-6)))
+
+
+def topk_index(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, T) scores -> (B, k) indices of each row's top k, in sequence order (a static shape: compiles)."""
+    return scores.detach().topk(k, dim=1).indices.sort(dim=1).values
+
+
+def topk_mask(
+    scores: torch.Tensor,  # (B, T)
+    candidates: torch.Tensor | None,  # (B, T) bool or None = all
+    capacity: float,
+    sequence_ids: torch.Tensor | None = None,  # (B, T) packed-sequence ids or None = one per row
+) -> torch.Tensor:
+    """Bool mask of the top ceil(capacity * n) candidates of each sequence (n = its candidate count)."""
     B, T = scores.shape
-    if candidates is None:
-        k = max(1, math.ceil(capacity * T - 1e-6))
-        idx = scores.topk(k, dim=1).indices
+    if candidates is None and sequence_ids is None:
+        idx = topk_index(scores, topk_count(capacity, T))
         return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
-    n = candidates.sum(dim=1)  # (B,)
-    k = torch.ceil(n.float() * capacity - 1e-6).long().clamp(min=1)
-    k = torch.minimum(k, n)
+    if candidates is None:
+        candidates = torch.ones_like(scores, dtype=torch.bool)
+    if sequence_ids is None:
+        sequence_ids = torch.zeros_like(scores, dtype=torch.long)
     masked = scores.detach().masked_fill(~candidates, float("-inf"))
-    order = masked.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=scores.device).expand(B, -1))
-    return (rank < k.unsqueeze(1)) & candidates
+    # Sort by (sequence id ascending, score descending): two stable sorts.
+    order = masked.argsort(dim=1, descending=True, stable=True)  # (B, T)
+    order = order.gather(1, sequence_ids.gather(1, order).argsort(dim=1, stable=True))
+    sorted_seq = sequence_ids.gather(1, order)  # (B, T) ascending
+    per_seq_tokens = torch.zeros_like(sequence_ids).scatter_add_(1, sequence_ids, torch.ones_like(sequence_ids))
+    seq_start = per_seq_tokens.cumsum(dim=1) - per_seq_tokens  # (B, T) first sorted slot of each sequence id
+    arange = torch.arange(T, device=scores.device).expand(B, -1)
+    rank = torch.empty_like(order).scatter_(1, order, arange - seq_start.gather(1, sorted_seq))  # rank in its sequence
+    n = torch.zeros_like(sequence_ids).scatter_add_(1, sequence_ids, candidates.long())  # (B, T) candidates per id
+    k = torch.minimum(torch.ceil(n.float() * capacity - 1e-6).long().clamp(min=1), n)
+    return (rank < k.gather(1, sequence_ids)) & candidates
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -348,40 +385,50 @@ def attach_aux_loss(hidden: torch.Tensor, aux: torch.Tensor, scale: float = 1.0)
     return _AttachAuxLoss.apply(hidden, aux, float(scale))
 
 
-def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a & b
-
-
-def _mul(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a * b
 
 
 # ---------------------------------------------------------------------------- routers
 
 
-class MoDRouter(nn.Module):
-    """Mixture-of-Depths router of one routed layer: a linear score per token (+ optional predictor)."""
+@dataclass
+class RouterOutput:
+    """What a router decided for one layer; the layer loop turns it into compute and a `RoutingRecord`.
 
-    def __init__(self, config):
+    - `selected`: (B, T) bool tokens that are processed (expert choice), or None = every candidate.
+    - `index`: (B, k) the same tokens as indices in sequence order, when every row keeps the same static
+      count k (training without padding or packing); the loop gathers with it directly (no data-dependent
+      shape, so the training step compiles).
+    - `depth`: (B, T) long chosen depth 1..R (token choice), or None.
+    - `gate`: (B, T) multiplier of the processed tokens' updates (router weight), or None = 1.
+    - `logits`: the router's raw logits ((B, T) or (B, T, R)).
+    - `losses`: unweighted-name -> weighted loss ("bce", "ponder", "z", "balance"); the loop prefixes the component.
+    """
+
+    selected: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    depth: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    losses: dict = field(default_factory=dict)
+
+
+class ExpertChoiceRouter(nn.Module):
+    """Expert-choice router (MoD and MoR expert choice): a linear score per token, + an optional predictor.
+
+    Training (and a switched-off router): the top `capacity` of each sequence's candidates, as a BCE target for
+    the calibrated logit. Inference: "logit > 0" (causal: a token's decision never looks at later tokens).
+    """
+
+    def __init__(self, hidden_size: int, threshold_momentum: float, use_predictor: bool = False):
         super().__init__()
-        self.proj = nn.Linear(config.hidden_size, 1, bias=True)
+        self.proj = nn.Linear(hidden_size, 1, bias=True)
         # running top-k boundary in logit units (see update_running_threshold); saved with the weights
         self.register_buffer("threshold", torch.zeros(()), persistent=True)
-        self.threshold_momentum = config.router_threshold_momentum
+        self.threshold_momentum = threshold_momentum
         self.predictor = None
-        if config.mod_use_predictor:
-            width = max(8, config.hidden_size // 8)
-            self.predictor = nn.Sequential(
-                nn.Linear(config.hidden_size, width), nn.SiLU(), nn.Linear(width, 1)
-            )
+        if use_predictor:
+            width = max(8, hidden_size // 8)
+            self.predictor = nn.Sequential(nn.Linear(hidden_size, width), nn.SiLU(), nn.Linear(width, 1))
 
     def reset_parameters(self, std: float):
         nn.init.normal_(self.proj.weight, std=std)
@@ -395,20 +442,30 @@ class MoDRouter(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,  # (B, T, E)
-        candidates: torch.Tensor | None,  # (B, T) tokens that may be processed; None = all
-        state: RoutingState,
-        config,
-        record: RoutingRecord,
-        layer_index: int,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Return (tokens to process (B, T) bool or None = all candidates, gate (B, T) or None)."""
+        *,
+        candidates: torch.Tensor | None,  # (B, T) bool tokens that may be processed; None = all
+        capacity: float,
+        routing_on: bool,
+        bce_weight: float,
+        ponder_weight: float = 0.0,
+        z_weight: float = 0.0,
+        sequence_ids: torch.Tensor | None = None,  # (B, T) packed sequences: top-k per sequence
+        candidate_count: int | None = None,  # every row has exactly this many candidates (static top-k)
+    ) -> RouterOutput:
         raw_logits = self.proj(router_input(hidden_states, self.proj)).squeeze(-1).float()  # (B, T); the gate sees these
         logits = raw_logits - self.threshold  # (B, T) calibrated: decisions and the BCE use these
         pred_logits = None
         if self.predictor is not None:
             pred_logits = self.predictor(router_input(hidden_states.detach(), self.predictor[0])).squeeze(-1).float()
-        if self.training or not state.mod_enabled:
-            target = topk_mask(logits, candidates, state.mod_capacity)
+        index = None
+        if self.training or not routing_on:
+            if candidate_count is not None and sequence_ids is None:
+                k = topk_count(capacity, candidate_count)
+                scores = logits if candidates is None else logits.masked_fill(~candidates, float("-inf"))
+                index = topk_index(scores, k)  # (B, k)
+                target = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, index, True)
+            else:
+                target = topk_mask(logits, candidates, capacity, sequence_ids)
             if self.training and _is_trained(self.proj):
                 update_running_threshold(self.threshold, logits, target, candidates, self.threshold_momentum)
         else:
@@ -416,259 +473,148 @@ class MoDRouter(nn.Module):
             target = decider > 0
             if candidates is not None:
                 target = target & candidates
-        weight = state.mod_aux_weight(config)
-        if self.training and weight > 0:
-            bce = F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none")
-            loss = _masked_mean(bce, candidates)
-            if pred_logits is not None:
-                loss = loss + _masked_mean(
-                    F.binary_cross_entropy_with_logits(pred_logits, target.float(), reduction="none"), candidates
-                )
-            record.add_loss("mod_bce", weight * loss)
-        if not state.mod_enabled:
-            return None, None
-        n_cand = candidates.sum() if candidates is not None else torch.tensor(float(target.numel()))
-        record.mod_selected_fraction[layer_index] = (target.sum().float() / n_cand.clamp_min(1)).detach()
-        return target, torch.sigmoid(raw_logits)
+        losses = {}
+        if self.training:
+            if bce_weight > 0:
+                bce = _masked_mean(F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none"), candidates)
+                if pred_logits is not None:
+                    bce = bce + _masked_mean(
+                        F.binary_cross_entropy_with_logits(pred_logits, target.float(), reduction="none"), candidates
+                    )
+                losses["bce"] = bce_weight * bce
+            if ponder_weight > 0:
+                losses["ponder"] = ponder_weight * _masked_mean(torch.sigmoid(raw_logits), candidates)
+            if z_weight > 0:
+                losses["z"] = z_weight * _masked_mean(raw_logits.pow(2), candidates)
+        if not routing_on:
+            return RouterOutput(logits=raw_logits, losses=losses)
+        return RouterOutput(selected=target, index=index, gate=torch.sigmoid(raw_logits), logits=raw_logits, losses=losses)
 
 
-class MoRRouter(nn.Module):
-    """Mixture-of-Recursions router.
+class TokenChoiceRouter(nn.Module):
+    """MoR token choice: one router per recursion group scores depths 1..R from the token's state up front."""
 
-    Expert choice: one router per (group, recursion >= 1), a linear score deciding which of the
-    still-active tokens continue. Token choice: one router per group scoring depths 1..R up front.
-    """
-
-    def __init__(self, config):
+    def __init__(self, hidden_size: int, num_recursions: int):
         super().__init__()
-        out = 1 if config.mor_routing == "expert_choice" else config.mor_recursions
-        self.proj = nn.Linear(config.hidden_size, out, bias=True)
-        self.mode = config.mor_routing
-        # expert choice: running top-k boundary in logit units (see update_running_threshold)
-        self.register_buffer("threshold", torch.zeros(()), persistent=True)
-        self.threshold_momentum = config.router_threshold_momentum
+        self.proj = nn.Linear(hidden_size, num_recursions, bias=True)
+        self.num_recursions = num_recursions
 
     def reset_parameters(self, std: float):
         nn.init.normal_(self.proj.weight, std=std)
         nn.init.zeros_(self.proj.bias)
 
-    def expert_choice(self, hidden_states, candidates, capacity, state, config, record):
-        """-> (continuing tokens (B, T) bool or None, gate (B, T) or None)."""
-        raw_logits = self.proj(router_input(hidden_states, self.proj)).squeeze(-1).float()  # (B, T); the gate sees these
-        logits = raw_logits - self.threshold  # (B, T) calibrated: decisions and the BCE use these
-        if self.training or not state.mor_enabled:
-            target = topk_mask(logits, candidates, capacity)
-            if self.training and _is_trained(self.proj):
-                update_running_threshold(self.threshold, logits, target, candidates, self.threshold_momentum)
-        else:
-            target = logits > 0
-            if candidates is not None:
-                target = target & candidates
-        if self.training:
-            bce = F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none")
-            record.add_loss("mor_bce", state.mod_aux_weight(config) * _masked_mean(bce, candidates))
-            if state.mor_ponder_loss_coef > 0:
-                record.add_loss("mor_ponder", state.mor_ponder_loss_coef * _masked_mean(torch.sigmoid(raw_logits), candidates))
-            if state.mor_z_loss_coef > 0:
-                record.add_loss("mor_z", state.mor_z_loss_coef * _masked_mean(raw_logits.pow(2), candidates))
-        if not state.mor_enabled:
-            return candidates, None
-        return target, torch.sigmoid(raw_logits)
-
-    def token_choice(self, hidden_states, token_valid, num_recursions, state, record):
-        """-> (depth (B, T) long in 1..R or None = full depth, gate (B, T) or None)."""
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # (B, T, E)
+        *,
+        token_valid: torch.Tensor | None,  # (B, T) bool real tokens; None = all
+        routing_on: bool,
+        balance_weight: float,
+        ponder_weight: float = 0.0,
+        z_weight: float = 0.0,
+    ) -> RouterOutput:
+        R = self.num_recursions
         logits = self.proj(router_input(hidden_states, self.proj)).float()  # (B, T, R)
         probs = logits.softmax(dim=-1)
         choice = probs.argmax(dim=-1)  # (B, T) in 0..R-1
+        losses = {}
         if self.training:
-            R = num_recursions
             onehot = F.one_hot(choice, R).float()
-            mask = token_valid
-            if mask is None:
+            if token_valid is None:
                 frac, mean_p = onehot.mean(dim=(0, 1)), probs.mean(dim=(0, 1))
             else:
-                m = mask.float().unsqueeze(-1)
+                m = token_valid.float().unsqueeze(-1)
                 denom = m.sum().clamp_min(1)
                 frac, mean_p = (onehot * m).sum((0, 1)) / denom, (probs * m).sum((0, 1)) / denom
-            record.add_loss("mor_balance", state.mor_balance_loss_coef * R * (frac * mean_p).sum())
+            losses["balance"] = balance_weight * R * (frac * mean_p).sum()
             depth_frac = (probs * torch.arange(1, R + 1, device=probs.device)).sum(-1) / R
-            if state.mor_ponder_loss_coef > 0:
-                record.add_loss("mor_ponder", state.mor_ponder_loss_coef * _masked_mean(depth_frac, mask))
-            if state.mor_z_loss_coef > 0:
-                z = torch.logsumexp(logits, dim=-1).pow(2)
-                record.add_loss("mor_z", state.mor_z_loss_coef * _masked_mean(z, mask))
-        if not state.mor_enabled:
-            return None, None
+            if ponder_weight > 0:
+                losses["ponder"] = ponder_weight * _masked_mean(depth_frac, token_valid)
+            if z_weight > 0:
+                losses["z"] = z_weight * _masked_mean(torch.logsumexp(logits, dim=-1).pow(2), token_valid)
+        if not routing_on:
+            return RouterOutput(logits=logits, losses=losses)
         gate = probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)  # router weight of the chosen depth
-        return choice + 1, gate
+        return RouterOutput(depth=choice + 1, gate=gate, logits=logits, losses=losses)
+
+
+class MoDRouter(ExpertChoiceRouter):
+    """Mixture-of-Depths router of one routed layer (an `ExpertChoiceRouter` built from the config)."""
+
+    def __init__(self, config):
+        super().__init__(config.hidden_size, config.router_threshold_momentum, config.mod_use_predictor)
+
+
+def MoRRouter(config) -> nn.Module:
+    """The MoR router of one decision point for `config.mor_routing`: expert choice or token choice."""
+    if config.mor_routing == "token_choice":
+        return TokenChoiceRouter(config.hidden_size, config.mor_recursions)
+    return ExpertChoiceRouter(config.hidden_size, config.router_threshold_momentum)
 
 
 # ---------------------------------------------------------------------------- MoE
 
 
-class HydraMoEBlock(nn.Module):
-    """FFN-only Mixture-of-Experts residual block (Mixtral router: softmax, top-k, renormalised)."""
+@dataclass
+class ExpertRouting:
+    """Mixtral-style expert choice of one MoE block over N flattened tokens."""
 
-    def __init__(self, config):
-        super().__init__()
-        from .modeling_hydra import HydraMLP, HydraRMSNorm
-
-        self.num_experts = config.num_local_experts
-        self.top_k = config.num_experts_per_tok
-        self.jitter = config.moe_router_jitter
-        self.kernel_backend = config.kernel_backend
-        self.norm = HydraRMSNorm(config.hidden_size, config.rms_norm_eps, config.kernel_backend)
-        self.gate = nn.Linear(config.hidden_size, self.num_experts, bias=False)
-        inter = config.moe_intermediate_size or config.intermediate_size
-        self.experts = nn.ModuleList([HydraMLP(config, inter) for _ in range(self.num_experts)])
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,  # (B, T, E)
-        token_valid: torch.Tensor | None,
-        domain_labels: torch.LongTensor | None,
-        state: RoutingState,
-        record: RoutingRecord,
-        block_index: int,
-    ) -> torch.Tensor:
-        B, T, E = hidden_states.shape
-        X, k = self.num_experts, self.top_k
-        x = self.norm(hidden_states).reshape(B * T, E)  # (N, E)
-        router_in = x
-        if self.training and self.jitter > 0:
-            noise = torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-            router_in = x * noise
-        logits = self.gate(router_input(router_in, self.gate)).float()  # (N, X)
-        probs = logits.softmax(dim=-1)
-        backend = resolve_backend(self.kernel_backend, x.device)
-
-        if state.moe_dense:
-            # Dense warmup: every token through every expert, softmax-weighted.
-            weights = probs
-            expert_index = torch.arange(X, device=x.device).expand(B * T, X)
-        elif state.moe_forced is not None and domain_labels is not None:
-            forced = torch.tensor(
-                [state.moe_forced.get(int(d), -1) for d in domain_labels.tolist()], device=x.device
-            )  # (B,)
-            top_w, top_i = probs.topk(k, dim=-1)
-            forced_tok = forced.repeat_interleave(T)  # (N,)
-            use = forced_tok >= 0
-            top_i = torch.where(use.unsqueeze(-1), forced_tok.clamp(min=0).unsqueeze(-1).expand(-1, k), top_i)
-            weights = top_w / top_w.sum(-1, keepdim=True)
-            weights = torch.where(use.unsqueeze(-1), torch.full_like(weights, 1.0 / k), weights)
-            expert_index = top_i
-            if k > 1:  # forced tokens use the forced expert once, weight 1
-                weights = torch.where(
-                    use.unsqueeze(-1), F.one_hot(torch.zeros_like(forced_tok), k).float(), weights
-                )
-        else:
-            top_w, expert_index = probs.topk(k, dim=-1)  # (N, k)
-            weights = top_w / top_w.sum(dim=-1, keepdim=True)
-
-        permuted, tokens_per_expert, sorted_pairs = moe_permute(
-            x, expert_index, X, backend=backend
-        )  # (N*k', E), (X,), (N*k',)
-        outputs = []
-        start = 0
-        for e, count in enumerate(tokens_per_expert.tolist()):
-            if count:
-                outputs.append(self.experts[e](permuted[start : start + count]))
-            start += count
-        expert_out = torch.cat(outputs, dim=0) if outputs else permuted[:0]
-        y = moe_unpermute(expert_out, sorted_pairs, weights.to(expert_out.dtype), backend=backend)  # (N, E)
-
-        # Losses and statistics over real (non-padding) tokens.
-        valid = None if token_valid is None else token_valid.reshape(-1)
-        assign = F.one_hot(expert_index, X).sum(dim=1).float()  # (N, X)
-        if valid is not None:
-            assign = assign[valid]
-            probs_v, logits_v = probs[valid], logits[valid]
-        else:
-            probs_v, logits_v = probs, logits
-        counts = assign.sum(dim=0)  # (X,)
-        if self.training:
-            frac = counts / counts.sum().clamp_min(1)
-            balance = X * (frac * probs_v.mean(dim=0)).sum()
-            record.add_loss("moe_balance", state.router_aux_loss_coef * balance)
-            if state.moe_z_loss_coef > 0:
-                z = torch.logsumexp(logits_v, dim=-1).pow(2).mean()
-                record.add_loss("moe_z", state.moe_z_loss_coef * z)
-        frac = counts / counts.sum().clamp_min(1)
-        entropy = -(frac * frac.clamp_min(1e-12).log()).sum()
-        record.moe_tokens_per_expert[block_index] = counts.detach()
-        record.moe_entropy[block_index] = entropy.detach()
-        record.moe_router_logits.append(logits.view(B, T, X))
-        return hidden_states + y.view(B, T, E).to(hidden_states.dtype)
+    expert_index: torch.Tensor  # (N, k') experts each token goes to
+    weights: torch.Tensor  # (N, k') their mixing weights
+    losses: dict  # "balance", "z" (weighted)
+    tokens_per_expert: torch.Tensor  # (X,) real-token slots per expert (statistics)
+    entropy: torch.Tensor  # () entropy of the expert load
 
 
-# ---------------------------------------------------------------------------- the stack
+def forced_experts(moe_forced: dict, domain_labels: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(B,) domain labels -> (B * T,) forced expert per token, -1 where the domain is not forced."""
+    forced = torch.tensor([moe_forced.get(int(d), -1) for d in domain_labels.tolist()], device=domain_labels.device)
+    return forced.repeat_interleave(seq_len)
 
 
-def run_layer_stack(
-    model, hidden_states, positions, token_valid, cache, past_len, record, all_hidden, all_attn, domain_labels
-):
-    """Run every effective layer of `model.plan`, routing as configured. Returns hidden states."""
-    config, state = model.config, model.routing_state
-    num_groups = num_recursion_groups(model.plan)
-    R = config.mor_recursions
-    mor_active = mor_gate = depth = depth_count = None
-    for plan in model.plan:
-        if plan.group < 0 or plan.group_start:
-            # A new recursion group (or an unshared layer): every token starts active again.
-            mor_active = mor_gate = depth = None
-            depth_count = torch.zeros_like(positions) if (config.mor_enabled and plan.group >= 0) else None
+def route_experts(
+    logits: torch.Tensor,  # (N, X) router logits
+    top_k: int,
+    *,
+    dense: bool,
+    forced: torch.Tensor | None,  # (N,) forced expert or -1, or None
+    token_valid: torch.Tensor | None,  # (N,) bool real tokens, or None = all
+    training: bool,
+    balance_weight: float,
+    z_weight: float,
+) -> ExpertRouting:
+    N, X = logits.shape
+    k = top_k
+    probs = logits.softmax(dim=-1)
+    if dense:
+        # Dense warm-up: every token through every expert, softmax-weighted.
+        weights = probs
+        expert_index = torch.arange(X, device=logits.device).expand(N, X)
+    elif forced is not None:
+        top_w, top_i = probs.topk(k, dim=-1)
+        use = forced >= 0
+        expert_index = torch.where(use.unsqueeze(-1), forced.clamp(min=0).unsqueeze(-1).expand(-1, k), top_i)
+        weights = top_w / top_w.sum(-1, keepdim=True)
+        # forced tokens use the forced expert once, weight 1
+        forced_w = F.one_hot(torch.zeros_like(forced), k).float() if k > 1 else torch.ones_like(weights)
+        weights = torch.where(use.unsqueeze(-1), forced_w, weights)
+    else:
+        top_w, expert_index = probs.topk(k, dim=-1)  # (N, k)
+        weights = top_w / top_w.sum(dim=-1, keepdim=True)
 
-        if plan.mor_router is not None:
-            router = model.mor_routers[plan.mor_router]
-            if config.mor_routing == "expert_choice":
-                cap = mor_layer_capacity(state.mor_capacity, plan.group, num_groups, plan.recursion)
-                mor_active, mor_gate = router.expert_choice(
-                    hidden_states, _and(mor_active, token_valid), cap, state, config, record
-                )
-            else:
-                depth, mor_gate = router.token_choice(hidden_states, token_valid, R, state, record)
-
-        layer_active = (depth > plan.recursion) if depth is not None else mor_active
-        layer_gate = mor_gate if plan.recursion >= 1 else None
-        if plan.recursion_start and depth_count is not None:
-            depth_count = depth_count + (1 if layer_active is None else layer_active.long())
-        candidates = _and(layer_active, token_valid)
-
-        if plan.mod_router is not None:
-            sel, gate = model.mod_routers[plan.mod_router](
-                hidden_states, candidates, state, config, record, plan.index
-            )
-            if sel is not None:
-                candidates = sel
-                layer_gate = _mul(layer_gate, gate)
-
-        rec_emb = model.recursion_embedding[plan.recursion] if model.recursion_embedding is not None else None
-        block = model.layers[plan.block]
-        if config.static_routing and candidates is not None:
-            # Fixed shapes: every token is computed, unselected ones get weight 0 and are hidden as keys.
-            weight = candidates.to(hidden_states.dtype)
-            hidden_states, attn, n = model.run_block(
-                hidden_states, plan.index, block, positions, token_valid, _mul(layer_gate, weight), cache,
-                past_len, rec_emb, key_visible=candidates,
-            )
-        else:
-            hidden_states, attn, n = model.run_block(
-                hidden_states, plan.index, block, positions, candidates, layer_gate, cache, past_len, rec_emb
-            )
-        record.tokens_processed[plan.index] = n
-        if all_attn is not None:
-            record.attentions.append(attn)
-
-        if plan.group_end and depth_count is not None:
-            valid = token_valid if token_valid is not None else torch.ones_like(depth_count, dtype=torch.bool)
-            record.mor_depth_histogram[plan.group] = torch.bincount(depth_count[valid], minlength=R + 1)[1 : R + 1]
-
-        if plan.moe_block is not None:
-            hidden_states = model.moe_blocks[plan.moe_block](
-                hidden_states, token_valid, domain_labels, state, record, plan.moe_block
-            )
-        if all_hidden is not None:
-            record.hidden_states.append(hidden_states)
-    if all_hidden is not None:
-        record.hidden_states.insert(0, all_hidden[0])
-    return hidden_states
+    # Losses and statistics over real (non-padding) tokens.
+    assign = F.one_hot(expert_index, X).sum(dim=1).float()  # (N, X)
+    m = None if token_valid is None else token_valid.float().unsqueeze(-1)  # (N, 1)
+    if m is not None:
+        assign = assign * m
+    counts = assign.sum(dim=0)  # (X,)
+    frac = counts / counts.sum().clamp_min(1)
+    losses = {}
+    if training:
+        mean_p = probs.mean(dim=0) if m is None else (probs * m).sum(0) / m.sum().clamp_min(1)
+        losses["balance"] = balance_weight * X * (frac * mean_p).sum()
+        if z_weight > 0:
+            z = torch.logsumexp(logits, dim=-1).pow(2)
+            losses["z"] = z_weight * (z.mean() if m is None else (z * m.squeeze(-1)).sum() / m.sum().clamp_min(1))
+    entropy = -(frac * frac.clamp_min(1e-12).log()).sum()
+    return ExpertRouting(expert_index, weights, losses, counts.detach(), entropy.detach())

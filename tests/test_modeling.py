@@ -124,21 +124,30 @@ def test_cache_layout_bytes_and_crop():
     layer = cache.layers[0]
     Hk, h = config.num_key_value_heads, config.latent_head_dim
     assert layer.keys.shape == (2, Hk, 8, h)
-    assert layer.conv_q.shape == (2, config.qk_conv_kernel_size + config.qk_channel_conv_kernel_size - 2, config.latent_size)
-    # Latent K/V bytes per token per layer: Hk * h * 2 values.
+    P = config.qk_conv_kernel_size + config.qk_channel_conv_kernel_size - 2
+    Cs = config.num_value_shift_heads * h
+    assert layer.rolling.shape == (2, max(P, 1), config.latent_size + Hk * h + Cs)
+    # Latent K/V bytes per token per layer: Hk * h * 2 values; metadata 5 bytes per row and column.
     assert cache.kv_bytes() == config.num_hidden_layers * 2 * 8 * Hk * h * 2 * 4
-    # crop needs past recording; with it, cropping and re-feeding gives the same logits
+    # crop follows transformers: negative = remove that many; 0 = nothing; positive = error
     cache2 = HydraCache(config)
     cache2.activate_past_recording()
     with torch.no_grad():
         model(x[:, :5], past_key_values=cache2, use_cache=True)
         a = model(x[:, 5:], past_key_values=cache2, use_cache=True).logits
-        cache2.crop(5)
+        cache2.crop(-3)
         assert cache2.get_seq_length() == 5
         b = model(x[:, 5:], past_key_values=cache2, use_cache=True).logits
+        cache2.crop(0)  # removes nothing (it only trims the recorded rolling states back to their working size)
+        assert cache2.get_seq_length() == 8
+        c = model(x[:, :1], past_key_values=cache2, use_cache=True).logits
+        d = model(torch.cat([x, x[:, :1]], 1)).logits[:, -1:]
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="activate_past_recording"):
-        cache.crop(3)
+    torch.testing.assert_close(c, d, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="negative"):
+        cache2.crop(3)
+    with pytest.raises(RuntimeError, match="activate_past_recording"):
+        cache.crop(-3)
 
 
 def test_chunked_prefill_matches_full():

@@ -140,20 +140,18 @@ def test_moe_balance_and_z_loss_match_hand_computation():
         block.gate.weight.zero_()
         block.gate.weight[0, 0] = 3.0
         block.gate.weight[1, 0] = -3.0
-    from hydra_hf.routing_hydra import RoutingRecord
-
     h = torch.randn(1, 4, 64)
-    record = RoutingRecord()
-    block(h, None, None, model.routing_state, record, 0)
+    _, routing, router_logits = block(h, state=model.routing_state)
     logits = block.gate(block.norm(h)).reshape(4, 2).float()
+    torch.testing.assert_close(router_logits, logits)
     probs = logits.softmax(-1)
     choice = probs.argmax(-1)
     frac = torch.bincount(choice, minlength=2).float() / 4
     expected_balance = 2 * (frac * probs.mean(0)).sum()
     expected_z = torch.logsumexp(logits, -1).pow(2).mean()
-    torch.testing.assert_close(record.losses["moe_balance"], expected_balance)
-    torch.testing.assert_close(record.losses["moe_z"], expected_z)
-    assert record.moe_tokens_per_expert[0].tolist() == torch.bincount(choice, minlength=2).float().tolist()
+    torch.testing.assert_close(routing.losses["balance"], expected_balance)
+    torch.testing.assert_close(routing.losses["z"], expected_z)
+    assert routing.tokens_per_expert.tolist() == torch.bincount(choice, minlength=2).float().tolist()
 
 
 def test_moe_forced_and_dense_routing():
