@@ -167,6 +167,7 @@ def build_attention_mask(
     query_valid: torch.Tensor | None,  # (B, K) bool real query slots; None = all
     query_sequence: torch.Tensor | None,  # (B, K) packed-sequence id of each query; None = one sequence
     key_sequence: torch.Tensor | None,  # (B, S) packed-sequence id of each key
+    new_columns_at: int | None = None,  # the K new columns are S - K .. S - 1 (appending cache); None = by step
 ) -> torch.Tensor:
     """Boolean (B, 1, K, S) mask, True = attend: a query sees valid keys of earlier or equal steps in its sequence.
 
@@ -179,7 +180,12 @@ def build_attention_mask(
         visible = visible & key_valid[:, None, :]
     if query_sequence is not None:
         visible = visible & (key_sequence[:, None, :] == query_sequence[:, :, None])
-    visible = visible | (diff == 0)
+    if new_columns_at is None:  # static layout: a token's column is the one at its own step
+        own = diff == 0
+    else:  # the K new columns follow the cached ones (a cropped-away column may share a step: never "own")
+        K, S = query_steps.shape[1], key_steps.shape[1]
+        own = F.pad(torch.eye(K, dtype=torch.bool, device=diff.device), (new_columns_at, S - K - new_columns_at))
+    visible = visible | own
     if query_valid is not None:
         visible = visible | ~query_valid[:, :, None]
     return visible.unsqueeze(1)
@@ -347,7 +353,10 @@ class HydraAttention(nn.Module):
             key_sequence = sequence_ids
             if sequence_ids is not None and S != K:  # cached columns continue the row's first sequence
                 key_sequence = F.pad(sequence_ids, (S - K, 0), value=0)
-            attention_mask = build_attention_mask(inputs.steps, key_steps, key_valid, valid, sequence_ids, key_sequence)
+            static = cache_layer is not None and cache_layer.max_cache_len is not None
+            attention_mask = build_attention_mask(
+                inputs.steps, key_steps, key_valid, valid, sequence_ids, key_sequence, None if static else S - K
+            )
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -1009,6 +1018,11 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
         if generation_config.is_assistant:
             cache.activate_past_recording()
         model_kwargs["past_key_values"] = cache
+
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values, **kwargs):
+        """`generate()` turns the 2D padding mask into 4D masks for compileable caches; HYDRA builds its own masks
+        from the 2D padding mask (routing decides per layer which columns exist), so it keeps the 2D mask."""
+        return attention_mask
 
     # ------------------------------------------------------------------ loss
     def _use_fused_linear_cross_entropy(self, hidden_states: torch.Tensor) -> bool:
