@@ -652,6 +652,13 @@ class HydraModel(HydraPreTrainedModel):
         (B * K), which the routing statistics and the FLOP tests read.
         """
         B, T, _ = hidden_states.shape
+        if active is not None and T == 1 and inputs.cache_layer is not None and inputs.cache_layer.max_cache_len is not None:
+            # Decode step on the static cache: fixed shapes for torch.compile. Every row computes its token; a row
+            # whose token is skipped (routing) or padding adds nothing, stores an invalid column and keeps its
+            # rolling state.
+            gate = _mul(gate, active.to(hidden_states.dtype))
+            inputs = replace(inputs, token_valid=active)
+            active, index = None, None
         if self.config.static_routing and active is not None:
             # Fixed shapes: every real token is computed, unselected ones get weight 0 and are hidden as keys.
             gate = _mul(gate, active.to(hidden_states.dtype))
@@ -772,7 +779,8 @@ class HydraModel(HydraPreTrainedModel):
                     f"attention_mask covers {attention_mask.shape[1]} positions but the input has {T} new tokens"
                 )
             token_valid = attention_mask[:, -T:].bool()
-            if bool(token_valid.all()):
+            static_decode = T == 1 and cache is not None and cache.max_cache_len is not None
+            if not static_decode and bool(token_valid.all()):  # (a static-cache decode step never syncs)
                 token_valid = None
         sequence_ids = None
         if position_ids is None:

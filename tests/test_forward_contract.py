@@ -97,21 +97,25 @@ def test_static_cache_generate_equals_dynamic():
     assert torch.equal(dynamic, static)
 
 
-def test_static_cache_decode_step_compiles_fullgraph():
-    model = tiny_model().eval()
-    x = torch.randint(1, 97, (1, 6))
+@pytest.mark.parametrize("mode", ["dense", "mod", "mor_token"])
+def test_static_cache_decode_step_compiles_fullgraph(mode):
+    model = tiny_model(**ROUTING_MODES[mode]).eval()
+    x = torch.randint(1, 97, (2, 6))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :2] = 0
     with torch.no_grad():
-        cache = HydraCache(model.config, max_cache_len=12)
-        out = model(x, past_key_values=cache, use_cache=True)
+        caches = [HydraCache(model.config, max_cache_len=12) for _ in range(2)]
+        for cache in caches:
+            out = model(x, attention_mask=mask[:, :6], past_key_values=cache, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
-        eager_cache = HydraCache(model.config, max_cache_len=12)
-        model(x, past_key_values=eager_cache, use_cache=True)
         torch._dynamo.reset()
         step = torch.compile(model, fullgraph=True, backend="eager")
-        compiled_logits = step(token, past_key_values=cache, use_cache=True).logits
-        eager_logits = model(token, past_key_values=eager_cache, use_cache=True).logits
+        compiled_logits = step(token, attention_mask=mask, past_key_values=caches[0], use_cache=True).logits
+        eager_logits = model(token, attention_mask=mask, past_key_values=caches[1], use_cache=True).logits
+        full = model(torch.cat([x, token], 1), attention_mask=mask).logits[:, -1:]
         torch._dynamo.reset()
     torch.testing.assert_close(compiled_logits, eager_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(eager_logits, full, atol=1e-5, rtol=0)
 
 
 def test_cache_bytes_per_token_are_a_compression_factor_below_llama():
@@ -247,3 +251,14 @@ def test_training_step_compiles_fullgraph(mode):
     for name, grad in eager_grads.items():
         torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=1e-4, atol=1e-6, msg=name)
     torch._dynamo.reset()
+
+
+def test_router_logits_only_when_asked_and_routing_ignored_at_inference():
+    model = tiny_model(**ROUTING_MODES["moe"]).eval()
+    x = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        plain = model(x)
+        asked = model(x, output_router_logits=True)
+    assert plain.router_logits is None
+    assert len(asked.router_logits) == 2 and asked.router_logits[0].shape == (2 * 5, 3)
+    assert "routing" in model.config.keys_to_ignore_at_inference
