@@ -12,13 +12,13 @@ Fallbacks (decided at call time, so the model runs everywhere with any backend):
 * A Triton path is taken for CUDA tensors, or for CPU tensors when ``TRITON_INTERPRET`` is set in
   ``os.environ`` *and* the kernel module was first imported with it set (Triton decides
   interpreted-vs-compiled when a kernel is defined). Otherwise the reference runs.
-* Kernel modules (``hydra_hf/ops/<op>.py``) and Triton / Liger are imported lazily, only when a
+* Kernel modules (``hydra_hf/ops/<op>_triton.py``, ``cross_entropy_liger.py``) and Triton / Liger are imported lazily, only when a
   Triton / Liger path is taken, so ``backend="torch"`` never needs Triton installed.
 * ``"auto"`` arriving here is treated as ``"triton"`` for CUDA tensors and ``"torch"`` otherwise.
 * RMSNorm / SwiGLU / fused linear cross-entropy use Liger on CUDA for ``"liger"``, ``"triton"``
   and ``"auto"``. Without Liger installed, ``"liger"`` raises ImportError; ``"triton"`` uses our
   Triton RMSNorm and the SwiGLU / cross-entropy references.
-* ``qk_mean`` always runs the reference (see ``ops/qk_norm_rope.py`` for why).
+* ``qk_mean`` always runs the reference (see ``ops/qk_norm_rope_triton.py`` for why).
 * Sizes above ``TRITON_LIMITS`` (e.g. ``qk_conv_kernel_size`` > 4) run the reference on every
   backend; ``check_kernel_backend`` (called at model construction) makes ``"triton"`` raise for
   such a config instead, naming the field.
@@ -172,7 +172,7 @@ def _liger_ok(backend: str, *tensors: torch.Tensor) -> bool:
 
 def causal_conv(x, seq_weight, chan_weight, num_heads, state=None, backend="torch"):
     """CCGQA causal depthwise + per-head channel conv. x (B, T, C) -> (B, T, C); see ``causal_conv_ref``."""
-    mod = _triton_module(backend, "causal_conv", x, seq_weight, chan_weight, state)
+    mod = _triton_module(backend, "causal_conv_triton", x, seq_weight, chan_weight, state)
     if mod is not None and not triton_limit_violations(
         qk_conv_kernel_size=seq_weight.shape[-1], qk_channel_conv_kernel_size=chan_weight.shape[-1],
         latent_head_dim=x.shape[-1] // max(num_heads, 1),
@@ -182,14 +182,14 @@ def causal_conv(x, seq_weight, chan_weight, num_heads, state=None, backend="torc
 
 
 def qk_mean(q, k, backend="torch"):
-    """CCGQA q-k mean -> (m_q, m_k); the reference on every backend (see ``qk_norm_rope.py``)."""
+    """CCGQA q-k mean -> (m_q, m_k); the reference on every backend (see ``ops/qk_norm_rope_triton.py``)."""
     _effective_backend(backend, q, k)
     return qk_mean_ref(q, k)
 
 
 def qk_norm_rope(q, k, q_mean, k_mean, temperature, cos, sin, eps=1e-6, backend="torch"):
     """Mean add-back + L2 norm x sqrt(h) (x key temperature) + partial RoPE -> (q, k); see ``qk_norm_rope_ref``."""
-    mod = _triton_module(backend, "qk_norm_rope", q, k, q_mean, k_mean, temperature, cos, sin)
+    mod = _triton_module(backend, "qk_norm_rope_triton", q, k, q_mean, k_mean, temperature, cos, sin)
     if mod is not None and not triton_limit_violations(
         latent_head_dim=q.shape[-1], latent_size=max(q.shape[-2], k.shape[-2]) * q.shape[-1]
     ):
@@ -199,7 +199,7 @@ def qk_norm_rope(q, k, q_mean, k_mean, temperature, cos, sin, eps=1e-6, backend=
 
 def gather_tokens(x, index, backend="torch"):
     """x (B, T, E), index (B, K) -> (B, K, E); see ``gather_tokens_ref``."""
-    mod = _triton_module(backend, "routing_gather", x, index)
+    mod = _triton_module(backend, "routing_gather_triton", x, index)
     if mod is not None:
         return mod.gather_tokens_triton(x, index)
     return gather_tokens_ref(x, index)
@@ -207,7 +207,7 @@ def gather_tokens(x, index, backend="torch"):
 
 def scatter_gated_add(residual, update, index, gate=None, backend="torch"):
     """Out-of-place residual[b, index[b, k]] += gate[b, k] * update[b, k]; see ``scatter_gated_add_ref``."""
-    mod = _triton_module(backend, "routing_gather", residual, update, index, gate)
+    mod = _triton_module(backend, "routing_gather_triton", residual, update, index, gate)
     if mod is not None:
         return mod.scatter_gated_add_triton(residual, update, index, gate)
     return scatter_gated_add_ref(residual, update, index, gate)
@@ -215,7 +215,7 @@ def scatter_gated_add(residual, update, index, gate=None, backend="torch"):
 
 def moe_permute(x, expert_index, num_experts, backend="torch"):
     """-> (permuted (N*k, E), tokens_per_expert (X,), sorted_pairs (N*k,)); see ``moe_permute_ref``."""
-    mod = _triton_module(backend, "moe_permute", x, expert_index)
+    mod = _triton_module(backend, "moe_permute_triton", x, expert_index)
     if mod is not None:
         return mod.moe_permute_triton(x, expert_index, num_experts)
     return moe_permute_ref(x, expert_index, num_experts)
@@ -223,7 +223,7 @@ def moe_permute(x, expert_index, num_experts, backend="torch"):
 
 def moe_unpermute(expert_out, sorted_pairs, weights, backend="torch"):
     """-> (N, E) weighted sum of each token's expert rows; see ``moe_unpermute_ref``."""
-    mod = _triton_module(backend, "moe_permute", expert_out, sorted_pairs, weights)
+    mod = _triton_module(backend, "moe_permute_triton", expert_out, sorted_pairs, weights)
     if mod is not None:
         return mod.moe_unpermute_triton(expert_out, sorted_pairs, weights)
     return moe_unpermute_ref(expert_out, sorted_pairs, weights)
@@ -236,7 +236,7 @@ def rms_norm(x, weight, eps, backend="torch"):
         # in_place=False: Liger would otherwise overwrite the incoming gradient with grad_x
         return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", False)
     if _effective_backend(backend, x, weight) == "triton":
-        mod = _triton_module("triton", "rms_norm", x, weight)
+        mod = _triton_module("triton", "rms_norm_triton", x, weight)
         if mod is not None and not triton_limit_violations(hidden_size=x.shape[-1]):
             return mod.rms_norm_triton(x, weight, eps)
     return rms_norm_ref(x, weight, eps)
@@ -272,7 +272,7 @@ def _liger_cross_entropy_module(backend, *tensors):
     if not _liger_ok(backend, *tensors):
         return None
     try:
-        return importlib.import_module(f"{KERNEL_PACKAGE}.cross_entropy")
+        return importlib.import_module(f"{KERNEL_PACKAGE}.cross_entropy_liger")
     except ImportError:  # remote code without the hydra_hf package: the reference runs
         return None
 

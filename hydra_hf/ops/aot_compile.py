@@ -147,8 +147,8 @@ def dry_run(s: KernelShapes, dtype: torch.dtype, scenario: str, batch: int = 2) 
     T, backward, with_state = SCENARIOS[scenario]
     B, E, h = batch, s.hidden, s.head_dim
     grad = backward
-    cc, qk = _kernel_module("causal_conv"), _kernel_module("qk_norm_rope")
-    rn, rg, mp = _kernel_module("rms_norm"), _kernel_module("routing_gather"), _kernel_module("moe_permute")
+    cc, qk = _kernel_module("causal_conv_triton"), _kernel_module("qk_norm_rope_triton")
+    rn, rg, mp = _kernel_module("rms_norm_triton"), _kernel_module("routing_gather_triton"), _kernel_module("moe_permute_triton")
     P = cc.causal_conv_state_len(s.seq_kernel, s.chan_kernel)
     with torch.enable_grad(), record_launches() as rec:
         x = _meta(B, T, E, dtype=dtype, grad=grad)
@@ -190,7 +190,7 @@ class Spec:
 
     key: str
     kernel: str  # kernel function name
-    module: str  # hydra_hf.ops.<module>
+    module: str  # hydra_hf.ops.<module>, e.g. causal_conv_triton
     launch: KernelLaunch
     labels: list[str]
 
