@@ -21,7 +21,8 @@ Fallbacks (decided at call time, so the model runs everywhere with any backend):
 * ``qk_mean`` always runs the reference (see ``ops/qk_norm_rope_triton.py`` for why).
 * Sizes above ``TRITON_LIMITS`` (e.g. ``qk_conv_kernel_size`` > 4) run the reference on every
   backend; ``check_kernel_backend`` (called at model construction) makes ``"triton"`` raise for
-  such a config instead, naming the field.
+  such a config instead, naming the field. Float tensors outside ``TRITON_DTYPES`` (float64) and
+  ``causal_conv`` sequences beyond its int32 / grid range run the reference too (per call).
 
 This module and ``ops_reference_hydra.py`` are flat files with only torch imports at module level
 so that ``save_pretrained`` ships them with ``modeling_hydra.py`` as remote code: a model loaded
@@ -59,33 +60,47 @@ def interpret_requested() -> bool:
     """True when ``TRITON_INTERPRET`` is set in the environment right now (read at call time)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
 
-KERNEL_BACKENDS = ("auto", "triton", "liger", "torch")
+KERNEL_BACKENDS = ("auto", "triton", "liger", "torch")  # the one list (configuration_hydra imports it)
 
-# The one place that says which sizes our Triton kernels run: the largest value of each config
-# field (or derived size) they are built and compile-checked for. ``hydra_hf/ops/aot_compile.py``
-# compiles every specialization up to these edges for sm_80 and sm_90 and ``tests/test_ops_compile.py``
-# asserts no register spills and shared memory within both GPUs' limits there.
+# The one place that says which sizes our Triton kernels run: the largest value of each kernel-facing
+# size of a config (``triton_config_sizes``) they are built and compile-checked for.
+# ``hydra_hf/ops/aot_compile.py`` compiles every specialization up to these edges for sm_80 and sm_90 and
+# ``tests/test_ops_compile.py`` asserts no register spills and shared memory within both GPUs' limits there.
+# Below the limits every size the config accepts runs (odd head dims and head counts are masked, tiles are
+# padded to powers of two; ``tests/test_ops_limits.py`` runs a grid of such configs in the interpreter).
 TRITON_LIMITS = {
     "qk_conv_kernel_size": 4,  # causal_conv: Ks (static loops; the config allows up to 8)
     "qk_channel_conv_kernel_size": 2,  # causal_conv: Kc (one weight-gradient accumulator per tap)
     "latent_head_dim": 64,  # causal_conv / qk_norm_rope: h, one head per tl.dot tile
-    "latent_size": 2048,  # qk_norm_rope: all heads of a token in one program (Hq * h, also Hk * h)
+    # qk_norm_rope: all heads of a token in one program, a (next_pow2(Hq), next_pow2(h)) register tile
+    "padded_latent_size": 2048,
     "hidden_size": 8192,  # rms_norm: one row in registers
 }
 _LIMIT_FIELDS = {
     "qk_conv_kernel_size": "qk_conv_kernel_size",
     "qk_channel_conv_kernel_size": "qk_channel_conv_kernel_size",
     "latent_head_dim": "latent head dim = hidden_size / (compression_factor * num_attention_heads)",
-    "latent_size": "latent width = hidden_size / compression_factor",
+    "padded_latent_size": "num_attention_heads x latent head dim, each rounded up to a power of two "
+                          "(one token's tile in qk_norm_rope)",
     "hidden_size": "hidden_size",
 }
+# What the kernels compute in (tl.dot input types, fp32 accumulation); other float dtypes (float64) run the reference.
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# causal_conv indexes one sequence with int32 offsets (t * C + c) and tiles time over grid axis 1 (at most
+# 65535 programs of >= 16 steps): longer sequences run the reference (a property of the call, not of the config).
+_CONV_MAX_SEQUENCE_ELEMENTS = 2**31 - 1
+_CONV_MAX_SEQUENCE_LEN = 65535 * 16
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 def triton_limit_violations(**sizes: int) -> list[str]:
     """One message per size above ``TRITON_LIMITS`` (keys are its names), naming the config field.
 
     Empty when our Triton kernels can run these sizes. The dispatcher calls it with sizes read off
-    the tensors, ``check_kernel_backend`` with the config's.
+    the tensors, ``check_kernel_backend`` with the config's (``triton_config_sizes``).
     """
     return [
         f"{_LIMIT_FIELDS[name]} is {value}, but the Triton kernels support 1..{TRITON_LIMITS[name]}"
@@ -93,9 +108,21 @@ def triton_limit_violations(**sizes: int) -> list[str]:
     ]
 
 
+def triton_config_sizes(config) -> dict[str, int]:
+    """The kernel-facing sizes of a ``HydraConfig``, keyed like ``TRITON_LIMITS``."""
+    h = config.hidden_size // (config.compression_factor * config.num_attention_heads)
+    return {
+        "qk_conv_kernel_size": config.qk_conv_kernel_size,
+        "qk_channel_conv_kernel_size": config.qk_channel_conv_kernel_size,
+        "latent_head_dim": h,
+        "padded_latent_size": _next_pow2(max(config.num_attention_heads, config.num_key_value_heads)) * _next_pow2(h),
+        "hidden_size": config.hidden_size,
+    }
+
+
 def triton_config_violations(config) -> list[str]:
     """``triton_limit_violations`` for a ``HydraConfig``: empty when every kernel can run it."""
-    return triton_limit_violations(**{name: getattr(config, name) for name in TRITON_LIMITS})
+    return triton_limit_violations(**triton_config_sizes(config))
 
 
 def check_kernel_backend(config) -> None:
@@ -134,12 +161,15 @@ def _effective_backend(backend: str, *tensors: torch.Tensor | None) -> str:
 def _triton_module(backend: str, module: str, *tensors: torch.Tensor | None):
     """The kernel module ``hydra_hf.ops.<module>`` if its Triton kernels can run on ``tensors`` now, else None.
 
-    None as well where the kernel package or Triton is not installed (remote code without hydra_hf).
+    None as well where the kernel package or Triton is not installed (remote code without hydra_hf) and for
+    float tensors outside ``TRITON_DTYPES``. Sizes are checked by each dispatcher against ``TRITON_LIMITS``.
     """
     backend = _effective_backend(backend, *tensors)
     if backend == "torch":
         return None
     ts = [t for t in tensors if t is not None]
+    if any(t.is_floating_point() and t.dtype not in TRITON_DTYPES for t in ts):
+        return None  # e.g. float64: the reference keeps its precision
     all_cuda = all(t.is_cuda for t in ts)
     all_cpu = all(t.device.type == "cpu" for t in ts)
     if not (all_cuda or (all_cpu and interpret_requested())):
@@ -176,7 +206,7 @@ def causal_conv(x, seq_weight, chan_weight, num_heads, state=None, backend="torc
     if mod is not None and not triton_limit_violations(
         qk_conv_kernel_size=seq_weight.shape[-1], qk_channel_conv_kernel_size=chan_weight.shape[-1],
         latent_head_dim=x.shape[-1] // max(num_heads, 1),
-    ):
+    ) and x.shape[-2] <= _CONV_MAX_SEQUENCE_LEN and x.shape[-2] * x.shape[-1] <= _CONV_MAX_SEQUENCE_ELEMENTS:
         return mod.causal_conv_triton(x, seq_weight, chan_weight, num_heads, state)
     return causal_conv_ref(x, seq_weight, chan_weight, num_heads, state)
 
@@ -191,7 +221,7 @@ def qk_norm_rope(q, k, q_mean, k_mean, temperature, cos, sin, eps=1e-6, backend=
     """Mean add-back + L2 norm x sqrt(h) (x key temperature) + partial RoPE -> (q, k); see ``qk_norm_rope_ref``."""
     mod = _triton_module(backend, "qk_norm_rope_triton", q, k, q_mean, k_mean, temperature, cos, sin)
     if mod is not None and not triton_limit_violations(
-        latent_head_dim=q.shape[-1], latent_size=max(q.shape[-2], k.shape[-2]) * q.shape[-1]
+        latent_head_dim=q.shape[-1], padded_latent_size=_next_pow2(max(q.shape[-2], k.shape[-2])) * _next_pow2(q.shape[-1])
     ):
         return mod.qk_norm_rope_triton(q, k, q_mean, k_mean, temperature, cos, sin, eps)
     return qk_norm_rope_ref(q, k, q_mean, k_mean, temperature, cos, sin, eps)
@@ -280,7 +310,9 @@ def _liger_cross_entropy_module(backend, *tensors):
 __all__ = [
     "KERNEL_BACKENDS",
     "TRITON_LIMITS",
+    "TRITON_DTYPES",
     "triton_limit_violations",
+    "triton_config_sizes",
     "triton_config_violations",
     "check_kernel_backend",
     "resolve_backend",

@@ -117,7 +117,7 @@ def test_every_preset_and_the_edges_are_within_the_limits():
     assert edges["edge-conv"].head_dim == ops.TRITON_LIMITS["latent_head_dim"]
     assert edges["edge-conv"].seq_kernel == ops.TRITON_LIMITS["qk_conv_kernel_size"]
     assert edges["edge-conv"].chan_kernel == ops.TRITON_LIMITS["qk_channel_conv_kernel_size"]
-    assert edges["edge-conv"].heads * edges["edge-conv"].head_dim == ops.TRITON_LIMITS["latent_size"]
+    assert edges["edge-conv"].heads * edges["edge-conv"].head_dim == ops.TRITON_LIMITS["padded_latent_size"]
     assert edges["edge-hidden"].hidden == ops.TRITON_LIMITS["hidden_size"]
 
 

@@ -112,8 +112,8 @@ def default_configs() -> dict[str, KernelShapes]:
                 out[f"tiny-cf{cf}-ks{ks}-kc{kc}"] = kernel_shapes(cfg)
     # the supported edge: largest conv kernels at the largest head dim and the largest latent width / hidden size
     h = TRITON_LIMITS["latent_head_dim"]
-    heads = TRITON_LIMITS["latent_size"] // h
-    conv = HydraConfig(hidden_size=TRITON_LIMITS["latent_size"], intermediate_size=256, num_attention_heads=heads,
+    heads = TRITON_LIMITS["padded_latent_size"] // h
+    conv = HydraConfig(hidden_size=TRITON_LIMITS["padded_latent_size"], intermediate_size=256, num_attention_heads=heads,
                        num_key_value_heads=heads, compression_factor=1,
                        qk_conv_kernel_size=TRITON_LIMITS["qk_conv_kernel_size"],
                        qk_channel_conv_kernel_size=TRITON_LIMITS["qk_channel_conv_kernel_size"])
