@@ -91,8 +91,8 @@ class Case:
 def build_cases(preset: dict, dtype: torch.dtype, ops_wanted, vocab: int, compile_ref: bool, device: str = "cuda"):
     from hydra_hf import ops
     from hydra_hf.ops import reference as R
-    from hydra_hf.ops.cross_entropy import linear_cross_entropy_ref
-    from hydra_hf.ops.rms_norm import rms_norm_triton
+    from hydra_hf.ops.reference import linear_cross_entropy_ref
+    from hydra_hf.ops.rms_norm_triton import rms_norm_triton
 
     dev = device
     B, T, E = preset["batch"], preset["seq"], preset["hidden"]
@@ -221,7 +221,7 @@ def run_cpu_sanity() -> None:
 H100_BW = 3.35e12  # B/s, HBM3
 H100_FLOPS = 989e12  # bf16 dense tensor-core FLOP/s
 H100_SMS = 132
-ROW_KERNELS = ("routing_gather", "moe_permute")  # one program per row: only the rows it is given are touched
+ROW_KERNELS = ("routing_gather_triton", "moe_permute_triton")  # one program per row: only the rows it is given are touched
 
 
 def _tensor_bytes(t, rows=None) -> int:
@@ -313,9 +313,9 @@ def model_ops(B: int, T: int, dtype):
     cfg = HydraConfig.from_preset("1B")
     E, Hq, Hk, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.latent_head_dim
     Ks, Kc, r = cfg.qk_conv_kernel_size, cfg.qk_channel_conv_kernel_size, cfg.rotary_dim
-    cc, qk = importlib.import_module("hydra_hf.ops.causal_conv"), importlib.import_module("hydra_hf.ops.qk_norm_rope")
-    rn, rg = importlib.import_module("hydra_hf.ops.rms_norm"), importlib.import_module("hydra_hf.ops.routing_gather")
-    mp = importlib.import_module("hydra_hf.ops.moe_permute")
+    cc, qk = importlib.import_module("hydra_hf.ops.causal_conv_triton"), importlib.import_module("hydra_hf.ops.qk_norm_rope_triton")
+    rn, rg = importlib.import_module("hydra_hf.ops.rms_norm_triton"), importlib.import_module("hydra_hf.ops.routing_gather_triton")
+    mp = importlib.import_module("hydra_hf.ops.moe_permute_triton")
 
     def leaf(*shape, dt=dtype):
         return torch.empty(*shape, device="meta", dtype=dt).requires_grad_()

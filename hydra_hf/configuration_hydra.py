@@ -2,8 +2,9 @@
 
 The config follows transformers' own (Llama / Mixtral) names wherever the concept exists
 there and prefixes HYDRA-only fields by component (``mod_*``, ``mor_*``, ``moe_*``,
-CCGQA fields). Every field is validated in ``validate_architecture`` with an error that
-names the field and the allowed values.
+CCGQA fields). Every field is validated in ``validate_architecture``, the hook of the ``@strict``
+validation that transformers runs at construction, in ``config.validate()`` and in
+``save_pretrained``, with an error that names the field and the allowed values.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
-KERNEL_BACKENDS = ("auto", "triton", "liger", "torch")
+from .ops_hydra import KERNEL_BACKENDS  # the one list of backends (the dispatcher validates against it too)
+
 MOR_SHARING_MODES = ("sequence", "middle_cycle")
 MOR_ROUTING_MODES = ("expert_choice", "token_choice")
 
@@ -71,8 +73,18 @@ class HydraConfig(PreTrainedConfig):
         num_key_value_heads (`int`, *optional*, defaults to 2):
             Key/value heads Hk (grouped-query attention); must divide `num_attention_heads`.
         head_dim (`int`, *optional*):
-            Latent head dim h. Derived as `hidden_size / (compression_factor * num_attention_heads)`;
-            if given it must equal that value.
+            Per-head dim of the cached keys and values, i.e. the latent head dim
+            h = `hidden_size / (compression_factor * num_attention_heads)` (the Llama name, so that tools
+            sizing a KV cache from `head_dim` get HYDRA's latent size). A derived field: leave it unset (`None`)
+            and it is set from those three fields after every other argument (`from_preset` overrides included);
+            an explicit value must equal h. It is never `None` on a built config and is saved with it.
+            `from_pretrained(path, hidden_size=...)` (or an override of `compression_factor` /
+            `num_attention_heads`) re-derives it: overrides of those fields are applied before the config is
+            built, and a saved `head_dim` that was derived from the saved sizes is dropped (it would otherwise
+            contradict the new sizes). `num_hidden_layers` follows overrides of `num_unique_blocks` /
+            `mor_recursions` / `mor_sharing` the same way. Changing a size by assignment on a built config does
+            not re-derive anything: set `head_dim` (and `num_hidden_layers`) too, or `validate()` and model
+            construction raise naming it.
         compression_factor (`int`, *optional*, defaults to 4):
             C: queries live in a latent space of width E / C (`Hq * h = E / C`).
         qk_conv_kernel_size (`int`, *optional*, defaults to 3):
@@ -90,7 +102,7 @@ class HydraConfig(PreTrainedConfig):
         mor_recursions (`int`, *optional*, defaults to 2):
             How many times each shared block is applied at most.
         num_hidden_layers (`int`, *optional*):
-            Effective depth = `num_unique_blocks * mor_recursions`. Derived; if given it must match.
+            Effective depth = `num_unique_blocks * mor_recursions`. Derived like `head_dim`; if given it must match.
         mor_sharing (`str`, *optional*, defaults to `"sequence"`):
             `"sequence"`: each block is repeated in place (b0 b0 b1 b1 ...). `"middle_cycle"`: the first and
             last block are unshared and the middle blocks are cycled as a stack; then the number of unique
@@ -234,11 +246,13 @@ class HydraConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
-        effective = self.effective_layers_for(self.num_unique_blocks, self.mor_recursions, self.mor_sharing)
         if self.num_hidden_layers is None:
-            self.num_hidden_layers = effective
+            self.num_hidden_layers = self.effective_layers_for(self.num_unique_blocks, self.mor_recursions, self.mor_sharing)
+        if self.head_dim is None:  # None only while the sizes it comes from are invalid (validation names them)
+            self.head_dim = _derived_head_dim(self.hidden_size, self.compression_factor, self.num_attention_heads)
         super().__post_init__(**kwargs)
-        self.check_hydra_fields()
+        # Plain ValueError at construction (strict's validate(), which runs next, wraps it in its own type).
+        self.validate_architecture()
 
     # ------------------------------------------------------------------ derived sizes
     @staticmethod
@@ -277,14 +291,47 @@ class HydraConfig(PreTrainedConfig):
             raise ValueError(f"Unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
         kwargs = dict(_PRESETS[name])
         kwargs.update(overrides)
-        return cls(**kwargs)
+        return cls(**kwargs)  # derived fields (head_dim, num_hidden_layers) are set after the overrides
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "HydraConfig":
+        """transformers' ``from_dict`` (used by ``from_pretrained`` / ``AutoConfig``), except that overrides of
+        HYDRA fields in ``kwargs`` are applied *before* the config is built, so that the derived fields follow them
+        and the result is validated; a saved derived value that the overrides make stale is re-derived (see
+        ``head_dim`` in the class docstring)."""
+        overrides = {k: v for k, v in kwargs.items() if k in _HYDRA_FIELDS}
+        if overrides:
+            config_dict = dict(config_dict)
+            for derived, inputs in _DERIVED_FIELDS.items():
+                if derived in overrides or not any(name in overrides for name in inputs):
+                    continue
+                saved = config_dict.get(derived)
+                if saved is not None and saved == _derive(derived, {**_defaults(), **config_dict}):
+                    config_dict[derived] = None  # it was derived from the saved sizes: derive it from the new ones
+            config_dict.update(overrides)
+        return super().from_dict(config_dict, **kwargs)
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """transformers' ``save_pretrained``, validating first: an invalid config writes nothing.
+
+        transformers validates only after creating the directory and copying the remote-code files;
+        here ``validate()`` runs before anything is touched (it raises huggingface_hub's
+        ``StrictDataclassClassValidationError`` naming the field, like every transformers config)."""
+        self.validate()
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     # ------------------------------------------------------------------ validation
     def check_hydra_fields(self):
-        """Raise a `ValueError` naming the offending field and what is allowed.
+        """Raise a `ValueError` naming the offending field and what is allowed (same checks as
+        ``validate_architecture``; ``config.validate()`` runs them too, wrapped in huggingface_hub's
+        ``StrictDataclassClassValidationError``). Runs at construction and in ``save_pretrained``; call it
+        (or ``validate()``) again after changing fields by hand."""
+        self.validate_architecture()
 
-        Runs at construction; call it again after changing fields by hand.
-        """
+    def validate_architecture(self):
+        """Part of `@strict`-powered validation: every HYDRA field, with errors naming the field."""
+        super().validate_architecture()
 
         def positive_int(field):
             value = getattr(self, field)
@@ -310,15 +357,23 @@ class HydraConfig(PreTrainedConfig):
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
                 f"({self.num_attention_heads})"
             )
-        if self.head_dim is not None and self.head_dim != self.latent_head_dim:
+        if self.head_dim is None:
             raise ValueError(
-                f"head_dim ({self.head_dim}) must equal hidden_size / (compression_factor * num_attention_heads) "
-                f"= {self.latent_head_dim}; leave it unset to derive it"
+                f"head_dim is None; on a built config it must be the latent head dim hidden_size / (compression_factor "
+                f"* num_attention_heads) = {self.latent_head_dim} (only the constructor derives it from None)"
+            )
+        if self.head_dim != self.latent_head_dim:
+            raise ValueError(
+                f"head_dim ({self.head_dim}) must equal the latent head dim hidden_size / (compression_factor * "
+                f"num_attention_heads) = {self.hidden_size} / ({self.compression_factor} * {self.num_attention_heads}) "
+                f"= {self.latent_head_dim}: it is derived from those fields; leave it unset (None) to derive it, or "
+                "change it together with them"
             )
         if self.latent_head_dim < 2:
             raise ValueError(f"latent head dim must be >= 2, got {self.latent_head_dim}")
-        if self.qk_conv_kernel_size > 8 or self.qk_channel_conv_kernel_size > 8:
-            raise ValueError("qk_conv_kernel_size and qk_channel_conv_kernel_size must be in [1, 8]")
+        for field in ("qk_conv_kernel_size", "qk_channel_conv_kernel_size"):
+            if getattr(self, field) > 8:
+                raise ValueError(f"{field} must be in [1, 8], got {getattr(self, field)}")
         if not 0.0 < self.partial_rotary_factor <= 1.0:
             raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
         if self.mor_sharing not in MOR_SHARING_MODES:
@@ -368,6 +423,37 @@ class HydraConfig(PreTrainedConfig):
             raise ValueError(f"router_threshold_momentum must be in [0, 1], got {self.router_threshold_momentum}")
         if self.mod_aux_loss_coef is not None and self.mod_aux_loss_coef < 0:
             raise ValueError(f"mod_aux_loss_coef must be >= 0 or None (auto), got {self.mod_aux_loss_coef}")
+
+
+def _derived_head_dim(hidden_size, compression_factor, num_attention_heads) -> int | None:
+    """hidden_size / (compression_factor * num_attention_heads), or None where the sizes do not give one."""
+    sizes = (hidden_size, compression_factor, num_attention_heads)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
+        return None
+    if hidden_size % (compression_factor * num_attention_heads):
+        return None
+    return hidden_size // (compression_factor * num_attention_heads)
+
+
+# derived field -> the fields it is computed from
+_DERIVED_FIELDS = {
+    "head_dim": ("hidden_size", "compression_factor", "num_attention_heads"),
+    "num_hidden_layers": ("num_unique_blocks", "mor_recursions", "mor_sharing"),
+}
+_HYDRA_FIELDS = frozenset(HydraConfig.__dataclass_fields__) - frozenset(PreTrainedConfig.__dataclass_fields__)
+
+
+def _defaults() -> dict:
+    return {name: f.default for name, f in HydraConfig.__dataclass_fields__.items() if name in _HYDRA_FIELDS}
+
+
+def _derive(field: str, values: dict):
+    if field == "head_dim":
+        return _derived_head_dim(values["hidden_size"], values["compression_factor"], values["num_attention_heads"])
+    try:
+        return HydraConfig.effective_layers_for(values["num_unique_blocks"], values["mor_recursions"], values["mor_sharing"])
+    except TypeError:
+        return None
 
 
 __all__ = ["HydraConfig", "PRESET_NAMES"]

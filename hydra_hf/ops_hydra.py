@@ -12,16 +12,17 @@ Fallbacks (decided at call time, so the model runs everywhere with any backend):
 * A Triton path is taken for CUDA tensors, or for CPU tensors when ``TRITON_INTERPRET`` is set in
   ``os.environ`` *and* the kernel module was first imported with it set (Triton decides
   interpreted-vs-compiled when a kernel is defined). Otherwise the reference runs.
-* Kernel modules (``hydra_hf/ops/<op>.py``) and Triton / Liger are imported lazily, only when a
+* Kernel modules (``hydra_hf/ops/<op>_triton.py``, ``cross_entropy_liger.py``) and Triton / Liger are imported lazily, only when a
   Triton / Liger path is taken, so ``backend="torch"`` never needs Triton installed.
 * ``"auto"`` arriving here is treated as ``"triton"`` for CUDA tensors and ``"torch"`` otherwise.
 * RMSNorm / SwiGLU / fused linear cross-entropy use Liger on CUDA for ``"liger"``, ``"triton"``
   and ``"auto"``. Without Liger installed, ``"liger"`` raises ImportError; ``"triton"`` uses our
   Triton RMSNorm and the SwiGLU / cross-entropy references.
-* ``qk_mean`` always runs the reference (see ``ops/qk_norm_rope.py`` for why).
+* ``qk_mean`` always runs the reference (see ``ops/qk_norm_rope_triton.py`` for why).
 * Sizes above ``TRITON_LIMITS`` (e.g. ``qk_conv_kernel_size`` > 4) run the reference on every
   backend; ``check_kernel_backend`` (called at model construction) makes ``"triton"`` raise for
-  such a config instead, naming the field.
+  such a config instead, naming the field. Float tensors outside ``TRITON_DTYPES`` (float64) and
+  ``causal_conv`` sequences beyond its int32 / grid range run the reference too (per call).
 
 This module and ``ops_reference_hydra.py`` are flat files with only torch imports at module level
 so that ``save_pretrained`` ships them with ``modeling_hydra.py`` as remote code: a model loaded
@@ -59,33 +60,47 @@ def interpret_requested() -> bool:
     """True when ``TRITON_INTERPRET`` is set in the environment right now (read at call time)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
 
-KERNEL_BACKENDS = ("auto", "triton", "liger", "torch")
+KERNEL_BACKENDS = ("auto", "triton", "liger", "torch")  # the one list (configuration_hydra imports it)
 
-# The one place that says which sizes our Triton kernels run: the largest value of each config
-# field (or derived size) they are built and compile-checked for. ``hydra_hf/ops/aot_compile.py``
-# compiles every specialization up to these edges for sm_80 and sm_90 and ``tests/test_ops_compile.py``
-# asserts no register spills and shared memory within both GPUs' limits there.
+# The one place that says which sizes our Triton kernels run: the largest value of each kernel-facing
+# size of a config (``triton_config_sizes``) they are built and compile-checked for.
+# ``hydra_hf/ops/aot_compile.py`` compiles every specialization up to these edges for sm_80 and sm_90 and
+# ``tests/test_ops_compile.py`` asserts no register spills and shared memory within both GPUs' limits there.
+# Below the limits every size the config accepts runs (odd head dims and head counts are masked, tiles are
+# padded to powers of two; ``tests/test_ops_limits.py`` runs a grid of such configs in the interpreter).
 TRITON_LIMITS = {
     "qk_conv_kernel_size": 4,  # causal_conv: Ks (static loops; the config allows up to 8)
     "qk_channel_conv_kernel_size": 2,  # causal_conv: Kc (one weight-gradient accumulator per tap)
     "latent_head_dim": 64,  # causal_conv / qk_norm_rope: h, one head per tl.dot tile
-    "latent_size": 2048,  # qk_norm_rope: all heads of a token in one program (Hq * h, also Hk * h)
+    # qk_norm_rope: all heads of a token in one program, a (next_pow2(Hq), next_pow2(h)) register tile
+    "padded_latent_size": 2048,
     "hidden_size": 8192,  # rms_norm: one row in registers
 }
 _LIMIT_FIELDS = {
     "qk_conv_kernel_size": "qk_conv_kernel_size",
     "qk_channel_conv_kernel_size": "qk_channel_conv_kernel_size",
     "latent_head_dim": "latent head dim = hidden_size / (compression_factor * num_attention_heads)",
-    "latent_size": "latent width = hidden_size / compression_factor",
+    "padded_latent_size": "num_attention_heads x latent head dim, each rounded up to a power of two "
+                          "(one token's tile in qk_norm_rope)",
     "hidden_size": "hidden_size",
 }
+# What the kernels compute in (tl.dot input types, fp32 accumulation); other float dtypes (float64) run the reference.
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# causal_conv indexes one sequence with int32 offsets (t * C + c) and tiles time over grid axis 1 (at most
+# 65535 programs of >= 16 steps): longer sequences run the reference (a property of the call, not of the config).
+_CONV_MAX_SEQUENCE_ELEMENTS = 2**31 - 1
+_CONV_MAX_SEQUENCE_LEN = 65535 * 16
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 def triton_limit_violations(**sizes: int) -> list[str]:
     """One message per size above ``TRITON_LIMITS`` (keys are its names), naming the config field.
 
     Empty when our Triton kernels can run these sizes. The dispatcher calls it with sizes read off
-    the tensors, ``check_kernel_backend`` with the config's.
+    the tensors, ``check_kernel_backend`` with the config's (``triton_config_sizes``).
     """
     return [
         f"{_LIMIT_FIELDS[name]} is {value}, but the Triton kernels support 1..{TRITON_LIMITS[name]}"
@@ -93,9 +108,21 @@ def triton_limit_violations(**sizes: int) -> list[str]:
     ]
 
 
+def triton_config_sizes(config) -> dict[str, int]:
+    """The kernel-facing sizes of a ``HydraConfig``, keyed like ``TRITON_LIMITS``."""
+    h = config.hidden_size // (config.compression_factor * config.num_attention_heads)
+    return {
+        "qk_conv_kernel_size": config.qk_conv_kernel_size,
+        "qk_channel_conv_kernel_size": config.qk_channel_conv_kernel_size,
+        "latent_head_dim": h,
+        "padded_latent_size": _next_pow2(max(config.num_attention_heads, config.num_key_value_heads)) * _next_pow2(h),
+        "hidden_size": config.hidden_size,
+    }
+
+
 def triton_config_violations(config) -> list[str]:
     """``triton_limit_violations`` for a ``HydraConfig``: empty when every kernel can run it."""
-    return triton_limit_violations(**{name: getattr(config, name) for name in TRITON_LIMITS})
+    return triton_limit_violations(**triton_config_sizes(config))
 
 
 def check_kernel_backend(config) -> None:
@@ -134,12 +161,15 @@ def _effective_backend(backend: str, *tensors: torch.Tensor | None) -> str:
 def _triton_module(backend: str, module: str, *tensors: torch.Tensor | None):
     """The kernel module ``hydra_hf.ops.<module>`` if its Triton kernels can run on ``tensors`` now, else None.
 
-    None as well where the kernel package or Triton is not installed (remote code without hydra_hf).
+    None as well where the kernel package or Triton is not installed (remote code without hydra_hf) and for
+    float tensors outside ``TRITON_DTYPES``. Sizes are checked by each dispatcher against ``TRITON_LIMITS``.
     """
     backend = _effective_backend(backend, *tensors)
     if backend == "torch":
         return None
     ts = [t for t in tensors if t is not None]
+    if any(t.is_floating_point() and t.dtype not in TRITON_DTYPES for t in ts):
+        return None  # e.g. float64: the reference keeps its precision
     all_cuda = all(t.is_cuda for t in ts)
     all_cpu = all(t.device.type == "cpu" for t in ts)
     if not (all_cuda or (all_cpu and interpret_requested())):
@@ -174,28 +204,28 @@ def causal_conv(x, seq_weight, chan_weight, num_heads, state=None, sequence_ids=
     """CCGQA causal depthwise + per-head channel conv. x (B, T, C) -> (B, T, C); see ``causal_conv_ref``.
 
     ``sequence_ids`` (B, T) (packed sequences) runs the reference, which restarts the convs at each new id."""
-    mod = _triton_module(backend, "causal_conv", x, seq_weight, chan_weight, state)
+    mod = _triton_module(backend, "causal_conv_triton", x, seq_weight, chan_weight, state)
     if sequence_ids is not None:
         return causal_conv_ref(x, seq_weight, chan_weight, num_heads, state, sequence_ids)
     if mod is not None and not triton_limit_violations(
         qk_conv_kernel_size=seq_weight.shape[-1], qk_channel_conv_kernel_size=chan_weight.shape[-1],
         latent_head_dim=x.shape[-1] // max(num_heads, 1),
-    ):
+    ) and x.shape[-2] <= _CONV_MAX_SEQUENCE_LEN and x.shape[-2] * x.shape[-1] <= _CONV_MAX_SEQUENCE_ELEMENTS:
         return mod.causal_conv_triton(x, seq_weight, chan_weight, num_heads, state)
     return causal_conv_ref(x, seq_weight, chan_weight, num_heads, state)
 
 
 def qk_mean(q, k, backend="torch"):
-    """CCGQA q-k mean -> (m_q, m_k); the reference on every backend (see ``qk_norm_rope.py``)."""
+    """CCGQA q-k mean -> (m_q, m_k); the reference on every backend (see ``ops/qk_norm_rope_triton.py``)."""
     _effective_backend(backend, q, k)
     return qk_mean_ref(q, k)
 
 
 def qk_norm_rope(q, k, q_mean, k_mean, temperature, cos, sin, eps=1e-6, backend="torch"):
     """Mean add-back + L2 norm x sqrt(h) (x key temperature) + partial RoPE -> (q, k); see ``qk_norm_rope_ref``."""
-    mod = _triton_module(backend, "qk_norm_rope", q, k, q_mean, k_mean, temperature, cos, sin)
+    mod = _triton_module(backend, "qk_norm_rope_triton", q, k, q_mean, k_mean, temperature, cos, sin)
     if mod is not None and not triton_limit_violations(
-        latent_head_dim=q.shape[-1], latent_size=max(q.shape[-2], k.shape[-2]) * q.shape[-1]
+        latent_head_dim=q.shape[-1], padded_latent_size=_next_pow2(max(q.shape[-2], k.shape[-2])) * _next_pow2(q.shape[-1])
     ):
         return mod.qk_norm_rope_triton(q, k, q_mean, k_mean, temperature, cos, sin, eps)
     return qk_norm_rope_ref(q, k, q_mean, k_mean, temperature, cos, sin, eps)
@@ -203,7 +233,7 @@ def qk_norm_rope(q, k, q_mean, k_mean, temperature, cos, sin, eps=1e-6, backend=
 
 def gather_tokens(x, index, backend="torch"):
     """x (B, T, E), index (B, K) -> (B, K, E); see ``gather_tokens_ref``."""
-    mod = _triton_module(backend, "routing_gather", x, index)
+    mod = _triton_module(backend, "routing_gather_triton", x, index)
     if mod is not None:
         return mod.gather_tokens_triton(x, index)
     return gather_tokens_ref(x, index)
@@ -211,7 +241,7 @@ def gather_tokens(x, index, backend="torch"):
 
 def scatter_gated_add(residual, update, index, gate=None, backend="torch"):
     """Out-of-place residual[b, index[b, k]] += gate[b, k] * update[b, k]; see ``scatter_gated_add_ref``."""
-    mod = _triton_module(backend, "routing_gather", residual, update, index, gate)
+    mod = _triton_module(backend, "routing_gather_triton", residual, update, index, gate)
     if mod is not None:
         return mod.scatter_gated_add_triton(residual, update, index, gate)
     return scatter_gated_add_ref(residual, update, index, gate)
@@ -219,7 +249,7 @@ def scatter_gated_add(residual, update, index, gate=None, backend="torch"):
 
 def moe_permute(x, expert_index, num_experts, backend="torch"):
     """-> (permuted (N*k, E), tokens_per_expert (X,), sorted_pairs (N*k,)); see ``moe_permute_ref``."""
-    mod = _triton_module(backend, "moe_permute", x, expert_index)
+    mod = _triton_module(backend, "moe_permute_triton", x, expert_index)
     if mod is not None:
         return mod.moe_permute_triton(x, expert_index, num_experts)
     return moe_permute_ref(x, expert_index, num_experts)
@@ -227,7 +257,7 @@ def moe_permute(x, expert_index, num_experts, backend="torch"):
 
 def moe_unpermute(expert_out, sorted_pairs, weights, backend="torch"):
     """-> (N, E) weighted sum of each token's expert rows; see ``moe_unpermute_ref``."""
-    mod = _triton_module(backend, "moe_permute", expert_out, sorted_pairs, weights)
+    mod = _triton_module(backend, "moe_permute_triton", expert_out, sorted_pairs, weights)
     if mod is not None:
         return mod.moe_unpermute_triton(expert_out, sorted_pairs, weights)
     return moe_unpermute_ref(expert_out, sorted_pairs, weights)
@@ -240,7 +270,7 @@ def rms_norm(x, weight, eps, backend="torch"):
         # in_place=False: Liger would otherwise overwrite the incoming gradient with grad_x
         return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", False)
     if _effective_backend(backend, x, weight) == "triton":
-        mod = _triton_module("triton", "rms_norm", x, weight)
+        mod = _triton_module("triton", "rms_norm_triton", x, weight)
         if mod is not None and not triton_limit_violations(hidden_size=x.shape[-1]):
             return mod.rms_norm_triton(x, weight, eps)
     return rms_norm_ref(x, weight, eps)
@@ -276,7 +306,7 @@ def _liger_cross_entropy_module(backend, *tensors):
     if not _liger_ok(backend, *tensors):
         return None
     try:
-        return importlib.import_module(f"{KERNEL_PACKAGE}.cross_entropy")
+        return importlib.import_module(f"{KERNEL_PACKAGE}.cross_entropy_liger")
     except ImportError:  # remote code without the hydra_hf package: the reference runs
         return None
 
@@ -284,7 +314,9 @@ def _liger_cross_entropy_module(backend, *tensors):
 __all__ = [
     "KERNEL_BACKENDS",
     "TRITON_LIMITS",
+    "TRITON_DTYPES",
     "triton_limit_violations",
+    "triton_config_sizes",
     "triton_config_violations",
     "check_kernel_backend",
     "resolve_backend",

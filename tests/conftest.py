@@ -19,7 +19,10 @@ from hydra_hf import HydraConfig, HydraForCausalLM
 INTERPRET = not torch.cuda.is_available()
 DEVICE = "cpu" if INTERPRET else "cuda"
 CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 / Liger kernels need a CUDA GPU")
-KERNEL_MODULES = ("causal_conv", "qk_norm_rope", "rms_norm", "routing_gather", "moe_permute", "cross_entropy")
+KERNEL_MODULES = (
+    "causal_conv_triton", "qk_norm_rope_triton", "rms_norm_triton", "routing_gather_triton", "moe_permute_triton",
+    "cross_entropy_liger",
+)
 
 
 def _import_kernel_modules() -> None:

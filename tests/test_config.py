@@ -104,3 +104,129 @@ def test_config_round_trip(tmp_path):
     loaded = HydraConfig.from_pretrained(tmp_path)
     assert loaded.to_dict() == config.to_dict()
     assert math.isclose(loaded.mod_capacity, 0.75)
+    loaded.validate()
+    assert loaded.head_dim == config.head_dim == 32
+
+
+# ---------------------------------------------------------------- validation where transformers looks
+@pytest.mark.parametrize(
+    "field, value",
+    [("mor_routing", "bogus"), ("mor_sharing", "ring"), ("kernel_backend", "cuda"), ("mod_capacity", 1.5),
+     ("compression_factor", 3), ("qk_conv_kernel_size", 9), ("head_dim", 7), ("num_hidden_layers", 5)],
+)
+def test_validate_names_a_field_changed_after_construction(field, value):
+    from huggingface_hub.errors import StrictDataclassClassValidationError
+
+    config = HydraConfig.from_preset("debug")
+    config.validate()
+    setattr(config, field, value)
+    with pytest.raises(StrictDataclassClassValidationError, match=field):
+        config.validate()
+    with pytest.raises(ValueError, match=field):  # the alias the model calls: plain ValueError, same checks
+        config.check_hydra_fields()
+    with pytest.raises(ValueError, match=field):
+        HydraForCausalLM(config)
+
+
+def test_validation_errors_name_the_allowed_values():
+    config = HydraConfig()
+    config.mor_routing = "bogus"
+    with pytest.raises(ValueError, match=r"mor_routing must be one of \('expert_choice', 'token_choice'\), got 'bogus'"):
+        config.check_hydra_fields()
+    config.mor_routing = "expert_choice"
+    config.kernel_backend = "cuda"
+    with pytest.raises(ValueError, match=r"kernel_backend must be one of \('auto', 'triton', 'liger', 'torch'\)"):
+        config.check_hydra_fields()
+
+
+def test_save_pretrained_refuses_an_invalid_config_and_writes_nothing(tmp_path):
+    from huggingface_hub.errors import StrictDataclassClassValidationError
+
+    config = HydraConfig.from_preset("debug", mod_enabled=True)
+    config.mor_routing = "bogus"
+    fresh = tmp_path / "fresh"
+    with pytest.raises(StrictDataclassClassValidationError, match="mor_routing"):
+        config.save_pretrained(fresh)
+    assert not fresh.exists()  # not even the directory or the remote-code files
+
+    saved = tmp_path / "saved"
+    config.mor_routing = "token_choice"
+    config.save_pretrained(saved)
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    config.kernel_backend = "cuda"
+    with pytest.raises(StrictDataclassClassValidationError, match="kernel_backend"):
+        config.save_pretrained(saved)
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before  # the earlier save is intact
+    loaded = HydraConfig.from_pretrained(saved)
+    assert loaded.mor_routing == "token_choice" and loaded.kernel_backend == "auto"
+    assert loaded.to_dict() == HydraConfig.from_pretrained(saved).to_dict()
+
+
+def test_one_list_of_kernel_backends():
+    from hydra_hf import configuration_hydra, ops_hydra
+
+    assert configuration_hydra.KERNEL_BACKENDS is ops_hydra.KERNEL_BACKENDS
+    assert "KERNEL_BACKENDS = " not in open(configuration_hydra.__file__).read()
+
+
+# ---------------------------------------------------------------- head_dim = the latent head dim of the cache
+def test_head_dim_is_the_latent_head_dim_and_never_none():
+    config = HydraConfig(hidden_size=512, compression_factor=4, num_attention_heads=4)
+    assert config.head_dim == config.latent_head_dim == 32
+    assert HydraConfig(hidden_size=512, compression_factor=4, num_attention_heads=4, head_dim=32).head_dim == 32
+    assert HydraConfig(hidden_size=512, compression_factor=4, num_attention_heads=4, head_dim=None).head_dim == 32
+    with pytest.raises(ValueError, match=r"head_dim \(64\) must equal .* 512 / \(4 \* 4\) = 32"):
+        HydraConfig(hidden_size=512, compression_factor=4, num_attention_heads=4, head_dim=64)
+    for name in PRESET_NAMES:
+        config = HydraConfig.from_preset(name)
+        assert config.head_dim == config.hidden_size // (config.compression_factor * config.num_attention_heads)
+        assert config.to_dict()["head_dim"] == config.head_dim
+    # the per-head dim of the cached keys is head_dim
+    assert HydraConfig().kv_cache_bytes_per_token(2) == HydraConfig().num_key_value_heads * HydraConfig().head_dim * 2 * 2
+
+
+def test_head_dim_follows_preset_overrides():
+    assert HydraConfig.from_preset("debug").head_dim == 32
+    assert HydraConfig.from_preset("debug", compression_factor=2).head_dim == 64
+    assert HydraConfig.from_preset("debug", compression_factor=1, num_attention_heads=8).head_dim == 64
+    assert HydraConfig.from_preset("tiny", hidden_size=352).head_dim == 88
+    with pytest.raises(ValueError, match="head_dim"):
+        HydraConfig.from_preset("debug", compression_factor=2, head_dim=32)
+
+
+def test_head_dim_round_trips_and_follows_from_pretrained_overrides(tmp_path):
+    from transformers import AutoConfig
+
+    config = HydraConfig.from_preset("debug", compression_factor=2)  # head_dim 64, not the class default
+    assert HydraConfig(**config.to_dict()).to_dict() == config.to_dict()
+    config.save_pretrained(tmp_path)
+    loaded = HydraConfig.from_pretrained(tmp_path)
+    assert loaded.head_dim == 64 and loaded.to_dict() == config.to_dict()
+    # overrides of the sizes it derives from re-derive it (the saved value was derived, not chosen)
+    assert HydraConfig.from_pretrained(tmp_path, hidden_size=1024).head_dim == 128
+    assert HydraConfig.from_pretrained(tmp_path, compression_factor=4).head_dim == 32
+    auto = AutoConfig.from_pretrained(tmp_path, num_attention_heads=8, mor_recursions=3)
+    assert (auto.head_dim, auto.num_hidden_layers) == (32, 6)
+    HydraForCausalLM(HydraConfig.from_pretrained(tmp_path, hidden_size=256, intermediate_size=512))
+    # an explicit head_dim next to the override must agree with it
+    assert HydraConfig.from_pretrained(tmp_path, hidden_size=1024, head_dim=128).head_dim == 128
+    with pytest.raises(ValueError, match=r"head_dim \(64\)"):
+        HydraConfig.from_pretrained(tmp_path, hidden_size=1024, head_dim=64)
+    # invalid overrides are caught when the config is built, naming the field
+    with pytest.raises(ValueError, match="compression_factor"):
+        HydraConfig.from_pretrained(tmp_path, compression_factor=3)
+    # unrelated overrides and unused kwargs behave as in transformers
+    loaded, unused = HydraConfig.from_pretrained(tmp_path, mod_enabled=True, foo=1, return_unused_kwargs=True)
+    assert loaded.mod_enabled and loaded.head_dim == 64 and unused == {"foo": 1}
+
+
+def test_changing_a_size_by_assignment_asks_for_head_dim():
+    config = HydraConfig.from_preset("debug")
+    config.hidden_size = 1024
+    with pytest.raises(ValueError, match=r"head_dim \(32\) must equal .* = 64"):
+        config.check_hydra_fields()
+    config.head_dim = 64
+    config.check_hydra_fields()
+    config.head_dim = None
+    with pytest.raises(ValueError, match="head_dim is None"):
+        config.check_hydra_fields()

@@ -10,7 +10,7 @@ import torch
 from conftest import ROUTING_MODES, tiny_model
 
 from hydra_hf import HydraConfig, modeling_hydra, ops
-from hydra_hf.ops.cross_entropy import linear_cross_entropy_ref
+from hydra_hf.ops.reference import linear_cross_entropy_ref
 
 
 def rel(a, b):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hydra_hf import ops
-from hydra_hf.ops.causal_conv import causal_conv_next_state, causal_conv_triton
+from hydra_hf.ops.causal_conv_triton import causal_conv_next_state, causal_conv_triton
 from hydra_hf.ops.reference import causal_conv_ref
 from conftest import CUDA_ONLY, DEVICE, INTERPRET, rel
 
@@ -92,7 +92,7 @@ def test_dispatcher_runs_triton_and_falls_back(monkeypatch):
     assert rel(ops.causal_conv(x, ws, wc, 2, st, backend="triton"), ref) < 1e-5
     assert rel(ops.causal_conv(x, ws, wc, 2, st, backend="liger"), ref) < 1e-5
     assert callable(ops.causal_conv) and ops.causal_conv.__module__ == "hydra_hf.ops_hydra"  # not shadowed
-    cc = importlib.import_module("hydra_hf.ops.causal_conv")
+    cc = importlib.import_module("hydra_hf.ops.causal_conv_triton")
     calls = []
     monkeypatch.setattr(cc, "causal_conv_triton", lambda *a: calls.append(1) or causal_conv_ref(*a))
     ops.causal_conv(x, ws, wc, 2, st, backend="triton")

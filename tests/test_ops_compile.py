@@ -75,7 +75,7 @@ def test_no_register_spills(compiled):
 _OVERSIZED = textwrap.dedent("""
     import dataclasses, importlib, json
     from hydra_hf.ops import aot_compile as A
-    cc = importlib.import_module("hydra_hf.ops.causal_conv")
+    cc = importlib.import_module("hydra_hf.ops.causal_conv_triton")
     cc.CONV_TILES[("bwd_dw", False)] = (1024, 64, 8)
     shapes = A.default_configs()["750M"]  # h = 64
     launches = [l for l in A.dry_run(shapes, A.DTYPES["bf16"], "train") if l.kernel.__name__ == "_causal_conv_bwd_dw_kernel"]
@@ -117,7 +117,7 @@ def test_every_preset_and_the_edges_are_within_the_limits():
     assert edges["edge-conv"].head_dim == ops.TRITON_LIMITS["latent_head_dim"]
     assert edges["edge-conv"].seq_kernel == ops.TRITON_LIMITS["qk_conv_kernel_size"]
     assert edges["edge-conv"].chan_kernel == ops.TRITON_LIMITS["qk_channel_conv_kernel_size"]
-    assert edges["edge-conv"].heads * edges["edge-conv"].head_dim == ops.TRITON_LIMITS["latent_size"]
+    assert edges["edge-conv"].heads * edges["edge-conv"].head_dim == ops.TRITON_LIMITS["padded_latent_size"]
     assert edges["edge-hidden"].hidden == ops.TRITON_LIMITS["hidden_size"]
 
 
@@ -140,7 +140,7 @@ def test_triton_backend_refuses_a_head_dim_above_the_limit():
 def test_dispatcher_runs_the_reference_outside_the_limits(monkeypatch):
     import importlib
 
-    cc = importlib.import_module("hydra_hf.ops.causal_conv")
+    cc = importlib.import_module("hydra_hf.ops.causal_conv_triton")
     calls = []
     monkeypatch.setattr(cc, "causal_conv_triton", lambda *a: calls.append(1) or causal_conv_ref(*a))
     g = torch.Generator().manual_seed(0)

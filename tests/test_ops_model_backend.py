@@ -32,7 +32,7 @@ def test_triton_backend_matches_torch_backend_training_step():
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
         results[backend] = (out.logits.detach(), out.loss.detach(), grads)
     # the dispatcher really takes the Triton path for these tensors (not the reference fallback)
-    for module in ("causal_conv", "qk_norm_rope", "routing_gather", "moe_permute", "rms_norm"):
+    for module in ("causal_conv_triton", "qk_norm_rope_triton", "routing_gather_triton", "moe_permute_triton", "rms_norm_triton"):
         assert ops._triton_module("triton", module, ids.float()) is not None, module
     (lt, losst, gt), (lr, lossr, gr) = results["triton"], results["torch"]
     assert rel(lt, lr) < 1e-5

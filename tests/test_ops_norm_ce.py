@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from hydra_hf import ops
 from hydra_hf.ops import reference as R
-from hydra_hf.ops.cross_entropy import linear_cross_entropy_ref
-from hydra_hf.ops.rms_norm import rms_norm_triton
+from hydra_hf.ops.reference import linear_cross_entropy_ref
+from hydra_hf.ops.rms_norm_triton import rms_norm_triton
 from conftest import CUDA_ONLY, DEVICE, rel
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
@@ -86,14 +86,27 @@ def test_auto_backend_and_bad_backend():
             ops.resolve_backend(bad, torch.device("cpu"))
 
 
-def test_dispatcher_names_are_functions_after_kernel_imports():
-    import importlib
+def test_dispatcher_names_are_functions_and_kernel_modules_have_their_own_names():
+    import types
 
-    for name in ("causal_conv", "qk_norm_rope", "rms_norm", "cross_entropy"):
-        importlib.import_module(f"hydra_hf.ops.{name}")
-    for name in ("causal_conv", "qk_norm_rope", "rms_norm", "fused_linear_cross_entropy", "swiglu"):
-        fn = getattr(ops, name)
-        assert callable(fn) and fn.__module__ == "hydra_hf.ops_hydra", name
+    import hydra_hf.ops.causal_conv_triton as cc  # a plain import binds the module, under its own name
+    import hydra_hf.ops.cross_entropy_liger
+    import hydra_hf.ops.moe_permute_triton
+    import hydra_hf.ops.qk_norm_rope_triton
+    import hydra_hf.ops.rms_norm_triton
+    import hydra_hf.ops.routing_gather_triton  # noqa: F401
+
+    assert isinstance(cc, types.ModuleType) and cc.causal_conv_triton.__module__ == "hydra_hf.ops.causal_conv_triton"
+    assert type(ops) is types.ModuleType  # no module-class trick
+    modules = {name for name, value in vars(ops).items() if isinstance(value, types.ModuleType)}
+    assert not modules & set(ops.__all__) - {"reference"}  # no kernel module shadows a dispatcher name
+    for name in ops.__all__:
+        if name != "reference" and not name.isupper():  # the constants: KERNEL_BACKENDS, TRITON_LIMITS, ...
+            fn = getattr(ops, name)
+            assert isinstance(fn, types.FunctionType) and fn.__module__.startswith("hydra_hf.ops_"), name
+    from hydra_hf.ops.reference import causal_conv_ref
+
+    assert ops.reference.causal_conv_ref is causal_conv_ref
 
 
 @CUDA_ONLY

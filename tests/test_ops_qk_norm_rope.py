@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hydra_hf import ops
-from hydra_hf.ops.qk_norm_rope import qk_norm_rope_triton
+from hydra_hf.ops.qk_norm_rope_triton import qk_norm_rope_triton
 from hydra_hf.ops.reference import qk_mean_ref, qk_norm_rope_ref
 from conftest import CUDA_ONLY, DEVICE, INTERPRET, rel
 
@@ -89,7 +89,7 @@ def test_dispatcher_qk_ops(monkeypatch):
         out = ops.qk_norm_rope(q, k, qm, km, temp, cos, sin, backend=backend)
         assert all(rel(a, b) < 1e-5 for a, b in zip(out, ref))
     assert all(torch.equal(a, b) for a, b in zip(ops.qk_mean(q, k, backend="triton"), qk_mean_ref(q, k)))
-    mod = importlib.import_module("hydra_hf.ops.qk_norm_rope")
+    mod = importlib.import_module("hydra_hf.ops.qk_norm_rope_triton")
     calls = []
     monkeypatch.setattr(mod, "qk_norm_rope_triton", lambda *a: calls.append(1) or qk_norm_rope_ref(*a))
     ops.qk_norm_rope(q, k, qm, km, temp, cos, sin, backend="triton")

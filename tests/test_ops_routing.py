@@ -13,8 +13,8 @@ import torch
 
 from hydra_hf import ops
 from hydra_hf.ops import reference as R
-from hydra_hf.ops.moe_permute import moe_permute_triton, moe_unpermute_triton
-from hydra_hf.ops.routing_gather import gather_tokens_triton, scatter_gated_add_triton
+from hydra_hf.ops.moe_permute_triton import moe_permute_triton, moe_unpermute_triton
+from hydra_hf.ops.routing_gather_triton import gather_tokens_triton, scatter_gated_add_triton
 from conftest import CUDA_ONLY, DEVICE, INTERPRET, rel
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
@@ -122,7 +122,7 @@ def test_routing_dispatcher_uses_kernels_and_falls_back(monkeypatch):
     gen = torch.Generator().manual_seed(4)
     x = _leaf(2, 9, 16, gen=gen)
     idx = _select(2, 9, 4, gen)
-    mod = importlib.import_module("hydra_hf.ops.routing_gather")
+    mod = importlib.import_module("hydra_hf.ops.routing_gather_triton")
     calls = []
     monkeypatch.setattr(mod, "gather_tokens_triton", lambda *a: calls.append(1) or R.gather_tokens_ref(*a))
     ops.gather_tokens(x, idx, backend="liger")

@@ -112,8 +112,8 @@ def default_configs() -> dict[str, KernelShapes]:
                 out[f"tiny-cf{cf}-ks{ks}-kc{kc}"] = kernel_shapes(cfg)
     # the supported edge: largest conv kernels at the largest head dim and the largest latent width / hidden size
     h = TRITON_LIMITS["latent_head_dim"]
-    heads = TRITON_LIMITS["latent_size"] // h
-    conv = HydraConfig(hidden_size=TRITON_LIMITS["latent_size"], intermediate_size=256, num_attention_heads=heads,
+    heads = TRITON_LIMITS["padded_latent_size"] // h
+    conv = HydraConfig(hidden_size=TRITON_LIMITS["padded_latent_size"], intermediate_size=256, num_attention_heads=heads,
                        num_key_value_heads=heads, compression_factor=1,
                        qk_conv_kernel_size=TRITON_LIMITS["qk_conv_kernel_size"],
                        qk_channel_conv_kernel_size=TRITON_LIMITS["qk_channel_conv_kernel_size"])
@@ -147,8 +147,8 @@ def dry_run(s: KernelShapes, dtype: torch.dtype, scenario: str, batch: int = 2) 
     T, backward, with_state = SCENARIOS[scenario]
     B, E, h = batch, s.hidden, s.head_dim
     grad = backward
-    cc, qk = _kernel_module("causal_conv"), _kernel_module("qk_norm_rope")
-    rn, rg, mp = _kernel_module("rms_norm"), _kernel_module("routing_gather"), _kernel_module("moe_permute")
+    cc, qk = _kernel_module("causal_conv_triton"), _kernel_module("qk_norm_rope_triton")
+    rn, rg, mp = _kernel_module("rms_norm_triton"), _kernel_module("routing_gather_triton"), _kernel_module("moe_permute_triton")
     P = cc.causal_conv_state_len(s.seq_kernel, s.chan_kernel)
     with torch.enable_grad(), record_launches() as rec:
         x = _meta(B, T, E, dtype=dtype, grad=grad)
@@ -190,7 +190,7 @@ class Spec:
 
     key: str
     kernel: str  # kernel function name
-    module: str  # hydra_hf.ops.<module>
+    module: str  # hydra_hf.ops.<module>, e.g. causal_conv_triton
     launch: KernelLaunch
     labels: list[str]
 

@@ -131,7 +131,7 @@ INTERPRETED = is_interpreted_kernel(_qk_norm_rope_fwd_kernel)
 
 def qk_meta(Hq: int, Hk: int, h: int) -> dict:
     """Block sizes and warps: one (heads, h) tile per token; 2 warps up to 256 elements, 4 at 512, 8 beyond
-    (so that the largest supported latent width, ``TRITON_LIMITS["latent_size"]``, does not spill)."""
+    (so that the largest supported tile, ``TRITON_LIMITS["padded_latent_size"]`` = BLOCK_HQ * BLOCK_D, does not spill)."""
     block_hq, block_d = next_pow2(Hq), next_pow2(h)
     return dict(BLOCK_HQ=block_hq, BLOCK_HK=next_pow2(Hk), BLOCK_D=block_d,
                 num_warps=max(2, min(8, block_hq * block_d // 128)))

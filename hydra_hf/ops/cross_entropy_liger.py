@@ -1,7 +1,7 @@
 """Linear + cross-entropy loss: the Liger fused path.
 
-``linear_cross_entropy_ref`` (in ``hydra_hf/ops_reference_hydra.py``, re-exported here) materialises
-the (N, V) logits and is the spec. On CUDA the
+``linear_cross_entropy_ref`` (in ``hydra_hf/ops_reference_hydra.py``, ``hydra_hf.ops.reference``)
+materialises the (N, V) logits and is the spec. On CUDA the
 dispatcher (``hydra_hf.ops.fused_linear_cross_entropy``) uses Liger's
 ``LigerFusedLinearCrossEntropyFunction``, which computes the loss and both gradients chunk by
 chunk without ever holding the full logits.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops_reference_hydra import check_linear_cross_entropy_inputs, linear_cross_entropy_ref  # noqa: F401  (re-exported)
+from ..ops_reference_hydra import check_linear_cross_entropy_inputs
 
 
 def linear_cross_entropy_liger(
