@@ -17,7 +17,9 @@ setup(
     install_requires=[
         "torch>=2.4",
         # The Cache API (cache_utils.Cache with layer objects) and the dataclass configs are 5.x.
-        "transformers>=5.20,<6",
+        # 5.24 renames `past_key_values` to `cache` in forward signatures and model outputs (and its Cache API moves
+        # with it): HYDRA is tested on 5.23, so the range stops before 5.24.
+        "transformers>=5.20,<5.24",
         "accelerate>=1.0",
         "peft>=0.15",
         "datasets>=3.0",
