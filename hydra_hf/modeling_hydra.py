@@ -167,7 +167,7 @@ def build_attention_mask(
     query_valid: torch.Tensor | None,  # (B, K) bool real query slots; None = all
     query_sequence: torch.Tensor | None,  # (B, K) packed-sequence id of each query; None = one sequence
     key_sequence: torch.Tensor | None,  # (B, S) packed-sequence id of each key
-    new_columns_at: int | None = None,  # the K new columns are S - K .. S - 1 (appending cache); None = by step
+    new_columns_at: int | None = None,  # this forward's columns start here (appending cache); None = static layout
 ) -> torch.Tensor:
     """Boolean (B, 1, K, S) mask, True = attend: a query sees valid keys of earlier or equal steps in its sequence.
 
@@ -180,11 +180,9 @@ def build_attention_mask(
         visible = visible & key_valid[:, None, :]
     if query_sequence is not None:
         visible = visible & (key_sequence[:, None, :] == query_sequence[:, :, None])
-    if new_columns_at is None:  # static layout: a token's column is the one at its own step
-        own = diff == 0
-    else:  # the K new columns follow the cached ones (a cropped-away column may share a step: never "own")
-        K, S = query_steps.shape[1], key_steps.shape[1]
-        own = F.pad(torch.eye(K, dtype=torch.bool, device=diff.device), (new_columns_at, S - K - new_columns_at))
+    own = diff == 0  # a token's own column: the one written at its step ...
+    if new_columns_at:  # ... among this forward's columns (a cropped-away cached column may share the step)
+        own = own & (torch.arange(key_steps.shape[1], device=diff.device) >= new_columns_at)
     visible = visible | own
     if query_valid is not None:
         visible = visible | ~query_valid[:, :, None]
@@ -200,6 +198,11 @@ def expand_attention_weights(
     total_length: int,
 ) -> torch.Tensor:
     """(B, H, T, total_length) attention over input positions: zeros for rows and columns a layer skipped."""
+    B, K, S = query_steps.shape[0], query_steps.shape[1], key_steps.shape[1]
+    if query_valid is None and K == total_length - past_length and S == total_length:
+        identity = torch.arange(total_length, device=key_steps.device).expand(B, -1)
+        if torch.equal(key_steps.long(), identity) and torch.equal(query_steps.long(), identity[:, past_length:]):
+            return weights  # already over input positions (keeps the autograd link for retain_grad)
     if key_steps.shape[1] > total_length:  # static cache: columns past the last step are empty
         weights, key_steps = weights[..., :total_length], key_steps[:, :total_length]
     B, H, K, S = weights.shape
@@ -237,6 +240,7 @@ class HydraLayerInputs:
     cache_layer: HydraCacheLayer | None = None
     past_length: int = 0  # input steps before this forward
     input_length: int = 0  # T, input steps of this forward
+    cache_all_steps: bool = False  # the layer skips only padding: cache a column per step (padding invalid)
     output_attentions: bool = False  # return weights over input positions (B, H, T, past + T)
 
 
@@ -344,10 +348,22 @@ class HydraAttention(nn.Module):
             stored_valid = inputs.key_visible if valid is None else valid & inputs.key_visible
         key_steps, key_valid = inputs.steps, stored_valid
         if cache_layer is not None:
+            new_keys, new_values, new_steps = key_states, value_states, inputs.steps
+            T = inputs.input_length
+            if inputs.cache_all_steps and K < T and sequence_ids is None and cache_layer.max_cache_len is None:
+                # Only padding was left out: cache one column per input step (padding invalid), as Llama does.
+                cols = (inputs.steps - inputs.past_length).long()  # (B, K) unique per row
+                spread = cols[:, None, :, None].expand(B, Hk, K, h)
+                new_keys = key_states.new_zeros(B, Hk, T, h).scatter(2, spread, key_states)
+                new_values = value_states.new_zeros(B, Hk, T, h).scatter(2, spread, value_states)
+                kept = stored_valid if stored_valid is not None else torch.ones_like(cols, dtype=torch.bool)
+                stored_valid = torch.zeros(B, T, dtype=torch.bool, device=cols.device).scatter(1, cols, kept)
+                new_steps = (torch.arange(T, device=cols.device) + inputs.past_length).expand(B, T)
             key_states, value_states, key_valid, key_steps = cache_layer.update(
-                key_states, value_states, inputs.steps, stored_valid
+                new_keys, new_values, new_steps, stored_valid
             )
         S = key_states.shape[2]
+        new_columns_at = S - (new_keys.shape[2] if cache_layer is not None else K)
         attention_mask = None
         if key_valid is not None or valid is not None or sequence_ids is not None or (K > 1 and S != K):
             key_sequence = sequence_ids
@@ -355,7 +371,7 @@ class HydraAttention(nn.Module):
                 key_sequence = F.pad(sequence_ids, (S - K, 0), value=0)
             static = cache_layer is not None and cache_layer.max_cache_len is not None
             attention_mask = build_attention_mask(
-                inputs.steps, key_steps, key_valid, valid, sequence_ids, key_sequence, None if static else S - K
+                inputs.steps, key_steps, key_valid, valid, sequence_ids, key_sequence, None if static else new_columns_at
             )
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -537,7 +553,7 @@ class HydraPreTrainedModel(PreTrainedModel):
     # Routers (MoD / MoR `proj` and predictor, MoE `gate`) are tiny, some only 1 wide, and their top-k and
     # threshold decisions are precision-sensitive: bitsandbytes 4/8-bit loading never quantizes them (these patterns
     # are transformers' modules-not-to-convert), and a float16 load keeps them in float32.
-    _keep_in_fp32_modules = [r".*_routers\.\d+", r".*moe_blocks\.\d+\.gate"]
+    # (`HydraModel.__init__` lists the ones this config has; see `_fp32_router_patterns`.)
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = False
@@ -618,6 +634,7 @@ class HydraModel(HydraPreTrainedModel):
         self.rotary_emb = HydraRotaryEmbedding(config)
         self.routing_state = RoutingState.from_config(config)
         self.num_recursion_groups = num_recursion_groups(self.plan)
+        self._keep_in_fp32_modules = _fp32_router_patterns(num_mod, num_mor, num_moe)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -687,6 +704,7 @@ class HydraModel(HydraPreTrainedModel):
         r_index = index.unsqueeze(-1).expand(-1, -1, cos.shape[-1])  # (B, K, r)
         compact = replace(
             inputs,
+            cache_all_steps=active is inputs.token_valid,
             position_embeddings=(torch.gather(cos, 1, r_index), torch.gather(sin, 1, r_index)),
             steps=torch.gather(inputs.steps, 1, index),
             token_valid=valid,
@@ -923,6 +941,21 @@ class HydraModel(HydraPreTrainedModel):
             router_logits=router_logits if output_router_logits and router_logits else None,
         )
         return output if return_dict else output.to_tuple()
+
+
+def _fp32_router_patterns(num_mod: int, num_mor: int, num_moe: int) -> list[str]:
+    """`_keep_in_fp32_modules` for the routers a model has. The optional prefix lets one pattern match both at the
+    root of `HydraModel` and under `model.` (bitsandbytes matches from the start of the name, the fp16 loader
+    anywhere); no `*`, which the loader reads as a glob."""
+    prefix = r"(?:[\w.]+\.)?"
+    patterns = []
+    if num_mod:
+        patterns.append(prefix + r"mod_routers\.\d+")
+    if num_mor:
+        patterns.append(prefix + r"mor_routers\.\d+")
+    if num_moe:
+        patterns.append(prefix + r"moe_blocks\.\d+\.gate")
+    return patterns
 
 
 def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
