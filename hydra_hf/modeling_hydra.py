@@ -388,9 +388,17 @@ class HydraAttention(nn.Module):
         )
         attn_output = attn_output.reshape(B, K, Hq * h)
         if inputs.output_attentions and attn_weights is not None:
-            attn_weights = expand_attention_weights(
-                attn_weights, inputs.steps, key_steps, valid, inputs.past_length, inputs.past_length + inputs.input_length
-            )
+            total = inputs.past_length + inputs.input_length
+            expanded = expand_attention_weights(attn_weights, inputs.steps, key_steps, valid, inputs.past_length, total)
+            if expanded is not attn_weights and S <= total:
+                # Compute the output from the returned (B, H, T, total) weights, as eager attention does, so the
+                # returned tensor is on the path to the loss (`retain_grad` on attentions works).
+                rows = (inputs.steps - inputs.past_length).long()[:, None, :, None].expand(B, Hq, K, total)
+                cols = key_steps.long()[:, None, None, :].expand(B, Hq, K, S)
+                back = expanded.gather(2, rows).gather(3, cols)  # (B, Hq, K, S)
+                values = repeat_kv(value_states, self.num_key_value_groups)
+                attn_output = torch.matmul(back.to(values.dtype), values).transpose(1, 2).reshape(B, K, Hq * h)
+            attn_weights = expanded
         return self.o_proj(attn_output), attn_weights
 
 
