@@ -6,7 +6,7 @@ Importing this package registers `HydraConfig` (model_type "hydra"), `HydraModel
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .cache_hydra import HydraCache, HydraCacheLayer
+from .cache_hydra import HydraCache, HydraCacheLayer, HydraStaticCache
 from .configuration_hydra import PRESET_NAMES, HydraConfig
 from .modeling_hydra import (
     HydraCausalLMOutputWithPast,
@@ -34,6 +34,7 @@ __all__ = [
     "HydraPreTrainedModel",
     "HydraCache",
     "HydraCacheLayer",
+    "HydraStaticCache",
     "HydraCausalLMOutputWithPast",
     "HydraModelOutput",
     "RoutingRecord",

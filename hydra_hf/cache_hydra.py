@@ -30,7 +30,7 @@ fixed shapes and runs under `torch.compile`.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, StaticCache
 
 
 def _right_aligned_append(
@@ -65,8 +65,9 @@ class HydraCacheLayer(CacheLayerMixin):
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self, rolling_width: int = 1, max_cache_len: int | None = None):
+    def __init__(self, rolling_width: int = 1, max_cache_len: int | None = None, step_counter: torch.Tensor | None = None):
         super().__init__()
+        self.step_counter = step_counter  # static layout: the cache's shared (0-dim) step count, updated in place
         self.rolling_width = rolling_width  # W: columns of conv / value-shift history the next forward needs
         self.max_cache_len = max_cache_len  # static layout (one column per step) when set
         self.keys: torch.Tensor | None = None  # (B, Hk, S, h)
@@ -76,13 +77,25 @@ class HydraCacheLayer(CacheLayerMixin):
         self.all_valid = True  # no invalid column stored (lets decode skip the mask)
         self.rolling: torch.Tensor | None = None  # (B, W', Cq + Ck + Cs)
         self.rolling_steps: torch.Tensor | None = None  # (B, W') int32
-        self.seen = 0  # input steps seen
+        self._seen = 0  # input steps seen (dynamic layout)
         self.record_past = False
         self.record_start = 0  # first step that `crop` can go back to
 
     @property
     def is_compileable(self) -> bool:
         return self.max_cache_len is not None
+
+    @property
+    def seen(self) -> int:
+        """Input steps seen. (The static layout keeps it in a tensor, so a compiled decode step never reads it.)"""
+        return int(self.step_counter) if self.step_counter is not None else self._seen
+
+    @seen.setter
+    def seen(self, value: int) -> None:
+        if self.step_counter is not None:
+            self.step_counter.fill_(value)
+        else:
+            self._seen = value
 
     @property
     def is_croppable(self) -> bool:
@@ -180,9 +193,12 @@ class HydraCacheLayer(CacheLayerMixin):
             self.rolling = columns.new_zeros(B, self.rolling_width, C)
             self.rolling_steps = torch.full((B, self.rolling_width), -1, dtype=torch.int32, device=columns.device)
         keep = self.rolling.shape[1] + K if self.record_past else self.rolling_width
-        self.rolling, self.rolling_steps = _right_aligned_append(
-            self.rolling, self.rolling_steps, columns, steps, counts, keep
-        )
+        rolling, rolling_steps = _right_aligned_append(self.rolling, self.rolling_steps, columns, steps, counts, keep)
+        if self.max_cache_len is not None and rolling.shape == self.rolling.shape:
+            self.rolling.copy_(rolling)  # static layout: in place (fixed buffers for torch.compile)
+            self.rolling_steps.copy_(rolling_steps)
+        else:
+            self.rolling, self.rolling_steps = rolling, rolling_steps
 
     # ------------------------------------------------------------------ rollback and batch edits
     def activate_past_recording(self):
@@ -255,7 +271,8 @@ class HydraCacheLayer(CacheLayerMixin):
         self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def reset(self) -> None:
-        self.__init__(self.rolling_width, self.max_cache_len)
+        self.__init__(self.rolling_width, self.max_cache_len, self.step_counter)
+        self.seen = 0
 
     @property
     def batch_size(self) -> int:
@@ -265,25 +282,19 @@ class HydraCacheLayer(CacheLayerMixin):
         return -1
 
 
-class HydraCache(Cache):
-    """Cache of a `HydraForCausalLM`: one `HydraCacheLayer` per effective layer.
+class HydraCacheMixin:
+    """What `HydraCache` and `HydraStaticCache` share: one `HydraCacheLayer` per effective layer."""
 
-    `generate()` creates it (also for assisted decoding, prompt lookup and as a draft model's cache, where it
-    records its rolling states so `crop` can undo rejected tokens). Supports `reorder_cache` /
-    `batch_select_indices` / `batch_repeat_interleave` (beam and contrastive search), `crop` with transformers'
-    semantics, and left-padded or routed batches (a skipped or padding token is never a valid column).
-    Pass `max_cache_len` for the preallocated static layout (`cache_implementation="static"`).
-    """
-
-    def __init__(self, config=None, num_layers: int | None = None, max_cache_len: int | None = None, **kwargs):
+    def _build_layers(self, config, num_layers: int | None, max_cache_len: int | None, step_counter=None):
         rolling_width = 1
         if config is not None:
             num_layers = num_layers if num_layers is not None else config.num_hidden_layers
             conv_history = config.qk_conv_kernel_size + config.qk_channel_conv_kernel_size - 2
             rolling_width = max(1, conv_history)
         if num_layers is None:
-            raise ValueError("HydraCache needs a HydraConfig or num_layers")
-        super().__init__(layers=[HydraCacheLayer(rolling_width, max_cache_len) for _ in range(num_layers)])
+            raise ValueError(f"{type(self).__name__} needs a HydraConfig or num_layers")
+        layers = [HydraCacheLayer(rolling_width, max_cache_len, step_counter) for _ in range(num_layers)]
+        Cache.__init__(self, layers=layers)
         self.max_cache_len = max_cache_len
 
     @property
@@ -332,4 +343,40 @@ class HydraCache(Cache):
         return total
 
 
-__all__ = ["HydraCache", "HydraCacheLayer"]
+class HydraCache(HydraCacheMixin, DynamicCache):
+    """Cache of a `HydraForCausalLM` (the default, growing layout): one `HydraCacheLayer` per effective layer.
+
+    `generate()` creates it (also for assisted decoding, prompt lookup and as a draft model's cache, where it
+    records its rolling states so `crop` can undo rejected tokens). Supports `reorder_cache` /
+    `batch_select_indices` / `batch_repeat_interleave` (beam and contrastive search), `crop` with transformers'
+    semantics, and left-padded or routed batches (a skipped or padding token is never a valid column).
+    """
+
+    def __init__(self, config=None, num_layers: int | None = None, **kwargs):
+        self._build_layers(config, num_layers, None)
+
+
+class HydraStaticCache(HydraCacheMixin, StaticCache):
+    """Preallocated `HydraCache` (`cache_implementation="static"`): one column per input step up to
+    `max_cache_len`, written in place, and the step count in a tensor, so a decode step has fixed shapes, reads no
+    Python state and compiles with `torch.compile(fullgraph=True)` without recompiling from step to step.
+    """
+
+    def __init__(self, config=None, max_cache_len: int = 0, num_layers: int | None = None, **kwargs):
+        if max_cache_len <= 0:
+            raise ValueError(f"HydraStaticCache needs max_cache_len > 0, got {max_cache_len}")
+        self.step_counter = torch.zeros((), dtype=torch.long)
+        self._build_layers(config, num_layers, max_cache_len, self.step_counter)
+
+    def place(self, device: torch.device) -> None:
+        """Put the step counter on the model's device (once, at the first forward)."""
+        if self.step_counter.device != device:
+            self.step_counter = self.step_counter.to(device)
+            for layer in self.layers:
+                layer.step_counter = self.step_counter
+
+    def advance(self, num_tokens: int) -> None:
+        self.step_counter.add_(num_tokens)
+
+
+__all__ = ["HydraCache", "HydraStaticCache", "HydraCacheLayer"]

@@ -30,7 +30,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
-from .cache_hydra import HydraCache, HydraCacheLayer
+from .cache_hydra import HydraCache, HydraCacheLayer, HydraCacheMixin, HydraStaticCache
 from .configuration_hydra import HydraConfig
 from .ops_hydra import (
     causal_conv,
@@ -195,24 +195,23 @@ def expand_attention_weights(
     key_steps: torch.Tensor,  # (B, S)
     query_valid: torch.Tensor | None,  # (B, K)
     past_length: int,
-    total_length: int,
+    input_length: int,  # T
+    num_columns: int,  # past + T, or max_cache_len for the static cache
 ) -> torch.Tensor:
-    """(B, H, T, total_length) attention over input positions: zeros for rows and columns a layer skipped."""
+    """(B, H, T, num_columns) attention over input positions: zeros for rows and columns a layer skipped."""
     B, K, S = query_steps.shape[0], query_steps.shape[1], key_steps.shape[1]
-    if query_valid is None and K == total_length - past_length and S == total_length:
-        identity = torch.arange(total_length, device=key_steps.device).expand(B, -1)
-        if torch.equal(key_steps.long(), identity) and torch.equal(query_steps.long(), identity[:, past_length:]):
+    if query_valid is None and K == input_length and S == num_columns:
+        identity = torch.arange(num_columns, device=key_steps.device).expand(B, -1)
+        if torch.equal(key_steps.long(), identity) and torch.equal(query_steps.long(), identity[:, past_length : past_length + K]):
             return weights  # already over input positions (keeps the autograd link for retain_grad)
-    if key_steps.shape[1] > total_length:  # static cache: columns past the last step are empty
-        weights, key_steps = weights[..., :total_length], key_steps[:, :total_length]
     B, H, K, S = weights.shape
-    T = total_length - past_length
+    T = input_length
     if query_valid is not None:
         weights = weights * query_valid[:, None, :, None].to(weights.dtype)
     rows = (query_steps - past_length).long().clamp(0, T - 1)  # (B, K)
     by_row = weights.new_zeros(B, H, T, S).scatter(2, rows[:, None, :, None].expand(B, H, K, S), weights)
-    cols = key_steps.long().clamp(0, total_length - 1)  # (B, S)
-    return weights.new_zeros(B, H, T, total_length).scatter(3, cols[:, None, None, :].expand(B, H, T, S), by_row)
+    cols = key_steps.long().clamp(0, num_columns - 1)  # (B, S)
+    return weights.new_zeros(B, H, T, num_columns).scatter(3, cols[:, None, None, :].expand(B, H, T, S), by_row)
 
 
 def _shift_in(
@@ -238,7 +237,7 @@ class HydraLayerInputs:
     sequence_ids: torch.Tensor | None = None  # (B, K) packed-sequence id; None = one sequence per row
     key_visible: torch.Tensor | None = None  # (B, K) bool keys others may attend to (static routing)
     cache_layer: HydraCacheLayer | None = None
-    past_length: int = 0  # input steps before this forward
+    past_length: int | torch.Tensor = 0  # input steps before this forward (a 0-dim tensor on the static cache)
     input_length: int = 0  # T, input steps of this forward
     cache_all_steps: bool = False  # the layer skips only padding: cache a column per step (padding invalid)
     output_attentions: bool = False  # return weights over input positions (B, H, T, past + T)
@@ -389,7 +388,11 @@ class HydraAttention(nn.Module):
         attn_output = attn_output.reshape(B, K, Hq * h)
         if inputs.output_attentions and attn_weights is not None:
             total = inputs.past_length + inputs.input_length
-            expanded = expand_attention_weights(attn_weights, inputs.steps, key_steps, valid, inputs.past_length, total)
+            if cache_layer is not None and cache_layer.max_cache_len is not None:
+                total = S  # the static cache: weights over all max_cache_len columns, as transformers' StaticCache
+            expanded = expand_attention_weights(
+                attn_weights, inputs.steps, key_steps, valid, inputs.past_length, inputs.input_length, total
+            )
             if expanded is not attn_weights and S <= total:
                 # Compute the output from the returned (B, H, T, total) weights, as eager attention does, so the
                 # returned tensor is on the path to the loss (`retain_grad` on attentions works).
@@ -567,7 +570,7 @@ class HydraPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False
     _supports_flex_attn = False
     _supports_attention_backend = True
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True
     _is_stateful = False
     # token-choice MoR routers of checkpoints saved before they lost their (unused) threshold buffer
     _keys_to_ignore_on_load_unexpected = [r"mor_routers\.\d+\.threshold"]
@@ -653,12 +656,13 @@ class HydraModel(HydraPreTrainedModel):
         self.embed_tokens = value
 
     @staticmethod
-    def _default_position_ids(attention_mask, batch_size, seq_len, past_len, device):
-        if attention_mask is not None:
-            # Left padding: real tokens count from 0 (the usual HF convention).
-            pos = attention_mask.long().cumsum(-1) - 1
-            return pos.clamp(min=0)[:, -seq_len:]
-        return (torch.arange(seq_len, device=device) + past_len).unsqueeze(0).expand(batch_size, -1)
+    def _default_position_ids(attention_mask: torch.Tensor | None, steps: torch.Tensor) -> torch.Tensor:
+        """Positions of the tokens at `steps` (B, T): the step itself, or with a padding mask the count of real tokens
+        before it (left padding: real tokens count from 0, the usual HF convention)."""
+        if attention_mask is None:
+            return steps
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
+        return positions.gather(1, steps.clamp(max=attention_mask.shape[1] - 1))
 
     def _run_layer(
         self,
@@ -768,7 +772,7 @@ class HydraModel(HydraPreTrainedModel):
         use_cache = use_cache if use_cache is not None else (config.use_cache and not self.training)
         if self.gradient_checkpointing and self.training and use_cache:
             use_cache = False
-        if past_key_values is not None and not isinstance(past_key_values, HydraCache):
+        if past_key_values is not None and not isinstance(past_key_values, HydraCacheMixin):
             if past_key_values.get_seq_length() == 0:
                 past_key_values = None  # an empty cache of another type (e.g. made by a caller): replace it
             else:
@@ -787,30 +791,46 @@ class HydraModel(HydraPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = HydraCache(config)
         cache = past_key_values if use_cache else None
-        past_len = cache.get_seq_length() if cache is not None else 0
-        if cache is not None and cache.max_cache_len is not None and past_len + T > cache.max_cache_len:
-            raise ValueError(
-                f"The static HydraCache holds max_cache_len={cache.max_cache_len} positions; {past_len} are used and "
-                f"{T} more were given. Build it with a larger max_cache_len (generate: max_new_tokens / max_length)."
-            )
+        if isinstance(cache, HydraStaticCache):
+            # The step count stays a tensor: a compiled decode step reads no Python state that changes per step.
+            cache.place(inputs_embeds.device)
+            past_len = cache.step_counter
+            if not torch.compiler.is_compiling() and int(past_len) + T > cache.max_cache_len:
+                raise ValueError(
+                    f"The HydraStaticCache holds max_cache_len={cache.max_cache_len} positions; {int(past_len)} are "
+                    f"used and {T} more were given. Build it with a larger max_cache_len (generate: max_new_tokens)."
+                )
+            if output_attentions:
+                past_len = int(past_len)
+        else:
+            past_len = cache.get_seq_length() if cache is not None else 0
 
         token_valid = None
         if attention_mask is not None:
             if attention_mask.ndim != 2:
                 raise ValueError(
-                    f"attention_mask must be a 2D (batch, past + seq_len) padding mask, got {attention_mask.ndim}D"
+                    f"attention_mask must be a 2D (batch, past + seq_len) padding mask, got {attention_mask.ndim}D. "
+                    "HYDRA builds its attention masks itself (routing decides per layer which tokens exist, and the "
+                    "causal convolutions and value shift read the previous token in sequence order), so custom 4D "
+                    "masks (e.g. tree attention) cannot be honoured; for packed sequences pass position_ids that "
+                    "restart at 0 for each sequence"
                 )
             if attention_mask.shape[1] < T:
                 raise ValueError(
                     f"attention_mask covers {attention_mask.shape[1]} positions but the input has {T} new tokens"
                 )
-            token_valid = attention_mask[:, -T:].bool()
+            if isinstance(cache, HydraStaticCache):  # generate pads the mask to max_cache_len (fixed shape)
+                idx = (torch.arange(T, device=attention_mask.device) + past_len).clamp(max=attention_mask.shape[1] - 1)
+                token_valid = attention_mask.gather(1, idx.unsqueeze(0).expand(B, -1)).bool()
+            else:
+                token_valid = attention_mask[:, -T:].bool()
             static_decode = T == 1 and cache is not None and cache.max_cache_len is not None
             if not static_decode and bool(token_valid.all()):  # (a static-cache decode step never syncs)
                 token_valid = None
         sequence_ids = None
+        steps = (torch.arange(T, device=inputs_embeds.device) + past_len).unsqueeze(0).expand(B, -1)  # (B, T)
         if position_ids is None:
-            position_ids = self._default_position_ids(attention_mask, B, T, past_len, inputs_embeds.device)
+            position_ids = self._default_position_ids(attention_mask, steps)
         else:
             if position_ids.ndim == 1:
                 position_ids = position_ids.unsqueeze(0)
@@ -820,7 +840,6 @@ class HydraModel(HydraPreTrainedModel):
                 raise ValueError("packed sequences (position_ids restarting inside a row) need the dynamic HydraCache")
 
         hidden_states = inputs_embeds
-        steps = (torch.arange(T, device=hidden_states.device) + past_len).unsqueeze(0).expand(B, -1)  # (B, T)
         inputs = HydraLayerInputs(
             position_embeddings=self.rotary_emb(hidden_states, position_ids),  # computed once for every layer
             steps=steps,
@@ -1037,7 +1056,7 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
     ) -> None:
-        """`generate()` builds the cache here: a `HydraCache`, static (preallocated) for `cache_implementation="static"`.
+        """`generate()` builds the cache here: a `HydraCache`, or a `HydraStaticCache` for `cache_implementation="static"`.
 
         A user-passed cache is used as is. An assistant (draft) model's cache records its rolling states so that
         `crop` can undo the rejected draft tokens.
@@ -1058,11 +1077,11 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
             cache = HydraCache(self.config)
         elif implementation == "static":
             max_len = max(max_cache_length, generation_config.max_cache_len or 0)
-            cache = HydraCache(self.config, max_cache_len=max_len)
+            cache = HydraStaticCache(self.config, max_cache_len=max_len)
         else:
             raise ValueError(
                 f"cache_implementation={implementation!r} is not supported by HYDRA: use None / 'dynamic' (HydraCache) "
-                "or 'static' (HydraCache preallocated to max_length)"
+                "or 'static' (HydraStaticCache, preallocated to max_length)"
             )
         if generation_config.is_assistant:
             cache.activate_past_recording()
@@ -1070,7 +1089,12 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values, **kwargs):
         """`generate()` turns the 2D padding mask into 4D masks for compileable caches; HYDRA builds its own masks
-        from the 2D padding mask (routing decides per layer which columns exist), so it keeps the 2D mask."""
+        from the 2D padding mask (routing decides per layer which columns exist), so it keeps the 2D mask, padded
+        to `max_cache_len` for the static cache so that its shape is the same at every decode step."""
+        if attention_mask is not None and attention_mask.ndim == 2 and isinstance(past_key_values, HydraStaticCache):
+            missing = past_key_values.max_cache_len - attention_mask.shape[1]
+            if missing > 0:
+                attention_mask = F.pad(attention_mask, (0, missing), value=0)
         return attention_mask
 
     # ------------------------------------------------------------------ loss

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hydra_hf import HydraCache, HydraConfig, HydraForCausalLM
+from hydra_hf import HydraCache, HydraConfig, HydraForCausalLM, HydraStaticCache
 
 from conftest import ROUTING_MODES, tiny_model
 
@@ -101,21 +101,28 @@ def test_static_cache_generate_equals_dynamic():
 def test_static_cache_decode_step_compiles_fullgraph(mode):
     model = tiny_model(**ROUTING_MODES[mode]).eval()
     x = torch.randint(1, 97, (2, 6))
-    mask = torch.ones(2, 7, dtype=torch.long)
+    mask = torch.zeros(2, 12, dtype=torch.long)  # as generate passes it: padded to max_cache_len
+    mask[:, :7] = 1
     mask[1, :2] = 0
     with torch.no_grad():
-        caches = [HydraCache(model.config, max_cache_len=12) for _ in range(2)]
+        caches = [HydraStaticCache(model.config, max_cache_len=12) for _ in range(2)]
         for cache in caches:
-            out = model(x, attention_mask=mask[:, :6], past_key_values=cache, use_cache=True)
+            out = model(x, attention_mask=mask, past_key_values=cache, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         torch._dynamo.reset()
         step = torch.compile(model, fullgraph=True, backend="eager")
         compiled_logits = step(token, attention_mask=mask, past_key_values=caches[0], use_cache=True).logits
         eager_logits = model(token, attention_mask=mask, past_key_values=caches[1], use_cache=True).logits
-        full = model(torch.cat([x, token], 1), attention_mask=mask).logits[:, -1:]
+        full = model(torch.cat([x, token], 1), attention_mask=mask[:, :7]).logits[:, -1:]
+        # the next step reuses the compiled graph: the step count lives in a tensor, nothing recompiles
+        mask[:, 7] = 1
+        with torch.compiler.set_stance("fail_on_recompile"):
+            second = step(token, attention_mask=mask, past_key_values=caches[0], use_cache=True).logits
+        second_eager = model(token, attention_mask=mask, past_key_values=caches[1], use_cache=True).logits
         torch._dynamo.reset()
     torch.testing.assert_close(compiled_logits, eager_logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(eager_logits, full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(second, second_eager, atol=1e-5, rtol=0)
 
 
 def test_cache_bytes_per_token_are_a_compression_factor_below_llama():
