@@ -138,8 +138,13 @@ class HydraCacheLayer(CacheLayerMixin):
         value_states: torch.Tensor,  # (B, Hk, K, h)
         steps: torch.Tensor,  # (B, K) input step of each new column
         valid: torch.Tensor | None = None,  # (B, K) bool; None = all valid
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Store K new columns; return all keys, values, their validity (None = all valid) and steps."""
+        first_step: int | None = None,  # steps are first_step + arange(K) in every row (a dense layer)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Store K new columns; return all keys, values, their validity (None = all valid) and steps.
+
+        While every column j was written at step j (a dense layer), the steps are not stored (returned as None:
+        column index = step), which keeps the decode step to two concatenations, as in transformers' layers.
+        """
         if self.keys is None:
             self.lazy_initialization(key_states, value_states)
         steps = steps.to(torch.int32)
@@ -159,21 +164,40 @@ class HydraCacheLayer(CacheLayerMixin):
                 valid = None
             else:
                 self.all_valid = False
+        implicit = first_step is not None and first_step == self.num_columns() and (
+            self.keys is None or self.key_steps is None
+        )
+        if not implicit:
+            self._materialize_steps()
         if self.keys is None:
-            self.keys, self.values, self.key_steps = key_states, value_states, steps
+            self.keys, self.values = key_states, value_states
+            self.key_steps = None if implicit else steps
             self.key_valid = valid
         else:
             self.keys = torch.cat([self.keys, key_states], dim=2)
             self.values = torch.cat([self.values, value_states], dim=2)
-            self.key_steps = torch.cat([self.key_steps, steps], dim=1)
+            if not implicit:
+                self.key_steps = torch.cat([self.key_steps, steps], dim=1)
             if self.key_valid is not None or valid is not None:
-                past = self.key_valid if self.key_valid is not None else self._ones(self.key_steps.shape[0], self.key_steps.shape[1] - steps.shape[1])
+                B, S = self.keys.shape[0], self.keys.shape[2]
+                past = self.key_valid if self.key_valid is not None else self._ones(B, S - steps.shape[1])
                 new = valid if valid is not None else self._ones(*steps.shape)
                 self.key_valid = torch.cat([past, new], dim=1)
         return self.keys, self.values, (None if self.all_valid else self.key_valid), self.key_steps
 
     def _ones(self, B: int, S: int) -> torch.Tensor:
         return torch.ones(B, S, dtype=torch.bool, device=self.keys.device)
+
+    def _materialize_steps(self) -> None:
+        """Write out the implicit steps (column j = step j) before a column breaks that rule."""
+        if self.keys is not None and self.key_steps is None:
+            B, S = self.keys.shape[0], self.keys.shape[2]
+            self.key_steps = torch.arange(S, dtype=torch.int32, device=self.keys.device).expand(B, S).contiguous()
+
+    def column_steps(self) -> torch.Tensor | None:
+        """(B, S) int32 input step of every cached column."""
+        self._materialize_steps()
+        return self.key_steps
 
     # ------------------------------------------------------------------ rolling state
     def rolling_state(self) -> torch.Tensor | None:
@@ -235,6 +259,11 @@ class HydraCacheLayer(CacheLayerMixin):
         if self.keys is not None:
             if self.max_cache_len is not None:
                 self.key_valid &= self.key_steps < limit
+            elif self.key_steps is None:  # column j = step j
+                self.keys, self.values = self.keys[:, :, :limit], self.values[:, :, :limit]
+                if self.key_valid is not None:
+                    self.key_valid = self.key_valid[:, :limit]
+                    self.all_valid = bool(self.key_valid.all())
             else:
                 removed = self.key_steps >= limit  # (B, S)
                 kept_columns = (~removed).any(dim=0)  # (S,)

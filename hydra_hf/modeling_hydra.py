@@ -304,34 +304,41 @@ class HydraAttention(nn.Module):
         # Rolling state of this layer in the cache: last P pre-conv q / k columns, last value-shift source.
         Cq, Ck, P = Hq * h, Hk * h, self.conv_state_len
         history = cache_layer.rolling_state() if cache_layer is not None else None  # (B, W, Cq + Ck + Hs*h)
-        conv_q_state = conv_k_state = value_prev = None
+        conv_state = value_prev = None
         if history is not None:
             W = history.shape[1]
             if P > 0:
-                conv_q_state, conv_k_state = history[:, W - P :, :Cq], history[:, W - P :, Cq : Cq + Ck]
+                conv_state = history[:, W - P :, : Cq + Ck]  # (B, P, Cq + Ck)
             if Hs > 0:
                 value_prev = history[:, W - 1 :, Cq + Ck :]  # (B, 1, Hs*h)
-        q_conv = causal_conv(
-            q, self.q_seq_conv, self.q_chan_conv, Hq, state=conv_q_state, sequence_ids=sequence_ids, backend=backend
+        # q and k go through one conv call: the seq conv is per channel and the channel conv per head, so the
+        # Hq + Hk heads side by side are the two convs at once (half the ops on the per-token path).
+        qk = torch.cat([q, k], dim=-1)  # (B, K, Cq + Ck)
+        qk_conv = causal_conv(
+            qk,
+            torch.cat([self.q_seq_conv, self.k_seq_conv], dim=0),  # (Cq + Ck, Ks)
+            torch.cat([self.q_chan_conv, self.k_chan_conv], dim=0),  # (Cq + Ck, h, Kc)
+            Hq + Hk,
+            state=conv_state,
+            sequence_ids=sequence_ids,
+            backend=backend,
         )
-        k_conv = causal_conv(
-            k, self.k_seq_conv, self.k_chan_conv, Hk, state=conv_k_state, sequence_ids=sequence_ids, backend=backend
-        )
+        q_conv, k_conv = qk_conv[..., :Cq], qk_conv[..., Cq:]
 
         # Value shift: the last Hs KV heads read the previous processed token's values (zeros at a sequence start).
         shift_source = None
         if Hs > 0:
             shift_source = v[:, :, Hk - Hs :].reshape(B, K, Hs * h)  # (B, K, Hs*h)
-            shifted = _shift_in(shift_source, value_prev)
+            shifted = value_prev if (K == 1 and value_prev is not None) else _shift_in(shift_source, value_prev)
             if sequence_ids is not None:
                 same = F.pad(sequence_ids[:, 1:] == sequence_ids[:, :-1], (1, 0), value=True)  # (B, K)
                 shifted = shifted * same.unsqueeze(-1).to(shifted.dtype)
             v = torch.cat([v[:, :, : Hk - Hs], shifted.view(B, K, Hs, h)], dim=2)  # (B, K, Hk, h)
 
         if cache_layer is not None:
-            columns = [q, k] if shift_source is None else [q, k, shift_source]
+            columns = [qk] if shift_source is None else [qk, shift_source]
             counts = None if valid is None else valid.sum(dim=1)  # (B,)
-            cache_layer.update_rolling(torch.cat(columns, dim=-1), inputs.steps, counts)
+            cache_layer.update_rolling(columns[0] if len(columns) == 1 else torch.cat(columns, dim=-1), inputs.steps, counts)
 
         cos, sin = inputs.position_embeddings
         q_out, k_out = qk_norm_rope(
@@ -358,12 +365,17 @@ class HydraAttention(nn.Module):
                 kept = stored_valid if stored_valid is not None else torch.ones_like(cols, dtype=torch.bool)
                 stored_valid = torch.zeros(B, T, dtype=torch.bool, device=cols.device).scatter(1, cols, kept)
                 new_steps = (torch.arange(T, device=cols.device) + inputs.past_length).expand(B, T)
+            first_step = None  # the new columns' steps are past + arange: the layer may keep them implicit
+            if new_keys.shape[2] == T and (new_steps is not inputs.steps or (valid is None and K == T)):
+                first_step = inputs.past_length if isinstance(inputs.past_length, int) else None
             key_states, value_states, key_valid, key_steps = cache_layer.update(
-                new_keys, new_values, new_steps, stored_valid
+                new_keys, new_values, new_steps, stored_valid, first_step
             )
         S = key_states.shape[2]
         new_columns_at = S - (new_keys.shape[2] if cache_layer is not None else K)
         attention_mask = None
+        if key_steps is None and (key_valid is not None or valid is not None or sequence_ids is not None or K > 1):
+            key_steps = cache_layer.column_steps()
         if key_valid is not None or valid is not None or sequence_ids is not None or (K > 1 and S != K):
             key_sequence = sequence_ids
             if sequence_ids is not None and S != K:  # cached columns continue the row's first sequence
@@ -387,6 +399,8 @@ class HydraAttention(nn.Module):
         )
         attn_output = attn_output.reshape(B, K, Hq * h)
         if inputs.output_attentions and attn_weights is not None:
+            if key_steps is None:
+                key_steps = cache_layer.column_steps()
             total = inputs.past_length + inputs.input_length
             if cache_layer is not None and cache_layer.max_cache_len is not None:
                 total = S  # the static cache: weights over all max_cache_len columns, as transformers' StaticCache
