@@ -195,8 +195,10 @@ class HydraCacheLayer(CacheLayerMixin):
             self.key_steps = torch.arange(S, dtype=torch.int32, device=self.keys.device).expand(B, S).contiguous()
 
     def column_steps(self) -> torch.Tensor | None:
-        """(B, S) int32 input step of every cached column."""
-        self._materialize_steps()
+        """(B, S) int32 input step of every cached column (built on the fly while they are implicit)."""
+        if self.keys is not None and self.key_steps is None:
+            B, S = self.keys.shape[0], self.keys.shape[2]
+            return torch.arange(S, dtype=torch.int32, device=self.keys.device).expand(B, S)
         return self.key_steps
 
     # ------------------------------------------------------------------ rolling state

@@ -374,9 +374,10 @@ class HydraAttention(nn.Module):
         S = key_states.shape[2]
         new_columns_at = S - (new_keys.shape[2] if cache_layer is not None else K)
         attention_mask = None
-        if key_steps is None and (key_valid is not None or valid is not None or sequence_ids is not None or K > 1):
+        need_mask = key_valid is not None or valid is not None or sequence_ids is not None or (K > 1 and S != K)
+        if key_steps is None and (need_mask or inputs.output_attentions):
             key_steps = cache_layer.column_steps()
-        if key_valid is not None or valid is not None or sequence_ids is not None or (K > 1 and S != K):
+        if need_mask:
             key_sequence = sequence_ids
             if sequence_ids is not None and S != K:  # cached columns continue the row's first sequence
                 key_sequence = F.pad(sequence_ids, (S - K, 0), value=0)
@@ -399,8 +400,6 @@ class HydraAttention(nn.Module):
         )
         attn_output = attn_output.reshape(B, K, Hq * h)
         if inputs.output_attentions and attn_weights is not None:
-            if key_steps is None:
-                key_steps = cache_layer.column_steps()
             total = inputs.past_length + inputs.input_length
             if cache_layer is not None and cache_layer.max_cache_len is not None:
                 total = S  # the static cache: weights over all max_cache_len columns, as transformers' StaticCache
