@@ -35,7 +35,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Stati
 
 def _right_aligned_append(
     buffer: torch.Tensor,  # (B, W, C) right-aligned, zeros where empty
-    buffer_steps: torch.Tensor,  # (B, W) int32, -1 where empty
+    buffer_steps: torch.Tensor,  # (B, W) int64, -1 where empty
     new: torch.Tensor,  # (B, K, C) new columns, valid ones first
     new_steps: torch.Tensor,  # (B, K)
     counts: torch.Tensor | None,  # (B,) valid new columns per row; None = all K
@@ -76,7 +76,7 @@ class HydraCacheLayer(CacheLayerMixin):
         self.key_steps: torch.Tensor | None = None  # (B, S) int32
         self.all_valid = True  # no invalid column stored (lets decode skip the mask)
         self.rolling: torch.Tensor | None = None  # (B, W', Cq + Ck + Cs)
-        self.rolling_steps: torch.Tensor | None = None  # (B, W') int32
+        self.rolling_steps: torch.Tensor | None = None  # (B, W') int64
         self._seen = 0  # input steps seen (dynamic layout)
         self.record_past = False
         self.record_start = 0  # first step that `crop` can go back to
@@ -147,7 +147,6 @@ class HydraCacheLayer(CacheLayerMixin):
         """
         if self.keys is None:
             self.lazy_initialization(key_states, value_states)
-        steps = steps.to(torch.int32)
         if self.max_cache_len is not None:
             # Static layout: column = step, written in place (fixed shapes for torch.compile).
             B, Hk, K, h = key_states.shape
@@ -169,6 +168,8 @@ class HydraCacheLayer(CacheLayerMixin):
         )
         if not implicit:
             self._materialize_steps()
+        if not implicit:
+            steps = steps.to(torch.int32)
         if self.keys is None:
             self.keys, self.values = key_states, value_states
             self.key_steps = None if implicit else steps
@@ -217,7 +218,7 @@ class HydraCacheLayer(CacheLayerMixin):
         B, K, C = columns.shape
         if self.rolling is None:
             self.rolling = columns.new_zeros(B, self.rolling_width, C)
-            self.rolling_steps = torch.full((B, self.rolling_width), -1, dtype=torch.int32, device=columns.device)
+            self.rolling_steps = torch.full((B, self.rolling_width), -1, dtype=steps.dtype, device=columns.device)
         keep = self.rolling.shape[1] + K if self.record_past else self.rolling_width
         rolling, rolling_steps = _right_aligned_append(self.rolling, self.rolling_steps, columns, steps, counts, keep)
         if self.max_cache_len is not None and rolling.shape == self.rolling.shape:

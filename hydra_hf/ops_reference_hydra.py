@@ -51,6 +51,13 @@ def causal_conv_ref(
     # Depthwise "valid" conv over time as a sum of shifted products (much faster than a
     # depthwise conv1d on CPU): mid[t] = sum_j w[:, j] * xp[t + j].
     L1 = T + Kc - 1
+    if T == 1 and sequence_ids is None:
+        # One new token (decoding): both convs as one product-and-sum each over sliding windows (views), a handful
+        # of ops instead of Ks + Kc of them.
+        mid = (xp.unfold(1, Ks, 1) * seq_weight).sum(-1)  # (B, Kc, C): windows (B, Kc, C, Ks) x (C, Ks)
+        w2 = chan_weight.view(H, h, h, Kc)  # (H, h_out, h_in, Kc)
+        out = torch.einsum("bjhi,hoij->bho", mid.view(B, Kc, H, h), w2)  # (B, H, h)
+        return out.reshape(B, 1, C)
     if sequence_ids is not None:
         seq = F.pad(sequence_ids, (P, 0), value=0)  # (B, P + T) history columns belong to sequence 0
         mid_seq = seq[:, Ks - 1 : Ks - 1 + L1]  # (B, L1) sequence of each mid column's own token
@@ -85,10 +92,10 @@ def qk_mean_ref(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.T
     if groups == 1:  # one query head per KV head: m_k = m_q
         m_q = 0.5 * (q + k)
         return m_q, m_q
-    k_rep = k.repeat_interleave(groups, dim=2)  # (B, T, Hq, h)
-    m_q = 0.5 * (q + k_rep)
-    m_k = m_q.view(B, T, Hk, groups, h).mean(dim=3)  # (B, T, Hk, h)
-    return m_q, m_k
+    # broadcast k over its query group instead of materialising k repeated to Hq heads
+    m_q = 0.5 * (q.view(B, T, Hk, groups, h) + k.unsqueeze(3))  # (B, T, Hk, groups, h)
+    m_k = m_q.mean(dim=3)  # (B, T, Hk, h)
+    return m_q.view(B, T, Hq, h), m_k
 
 
 def apply_partial_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -142,7 +142,7 @@ def test_cache_bytes_per_token_are_a_compression_factor_below_llama():
     with torch.no_grad():
         hydra_cache = hydra(x, use_cache=True).past_key_values
         llama_cache = llama(x, use_cache=True).past_key_values
-    rolling = sum(layer.rolling.numel() * layer.rolling.element_size() + layer.rolling_steps.numel() * 4
+    rolling = sum(layer.rolling.numel() * layer.rolling.element_size() + layer.rolling_steps.numel() * layer.rolling_steps.element_size()
                   for layer in hydra_cache.layers)  # constant per sequence, not per token
     per_token = (hydra_cache.cache_bytes() - rolling) / T
     llama_per_token = sum(l.keys.numel() * 4 + l.values.numel() * 4 for l in llama_cache.layers) / T
