@@ -592,6 +592,12 @@ class HydraPreTrainedModel(PreTrainedModel):
         super().__init__(config, *inputs, **kwargs)
         register_peft_defaults()  # PEFT's default target modules for model_type "hydra" (see peft_hydra.py)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`, validating the config first: an invalid config (e.g. a field changed
+        after construction) writes nothing, not even the remote-code files, and leaves an earlier save intact."""
+        self.config.validate()
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module):
         from transformers import initialization as init

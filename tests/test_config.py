@@ -162,6 +162,18 @@ def test_save_pretrained_refuses_an_invalid_config_and_writes_nothing(tmp_path):
     assert loaded.to_dict() == HydraConfig.from_pretrained(saved).to_dict()
 
 
+def test_model_save_pretrained_validates_before_writing(tmp_path):
+    from huggingface_hub.errors import StrictDataclassClassValidationError
+
+    from hydra_hf import HydraForCausalLM
+
+    model = HydraForCausalLM(HydraConfig.from_preset("debug", vocab_size=64, num_unique_blocks=1, mor_recursions=1))
+    model.config.mor_routing = "bogus"
+    with pytest.raises(StrictDataclassClassValidationError, match="mor_routing"):
+        model.save_pretrained(tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+
 def test_one_list_of_kernel_backends():
     from hydra_hf import configuration_hydra, ops_hydra
 
