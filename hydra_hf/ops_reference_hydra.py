@@ -55,9 +55,10 @@ def causal_conv_ref(
         # One new token (decoding): both convs as one product-and-sum each over sliding windows (views), a handful
         # of ops instead of Ks + Kc of them.
         mid = (xp.unfold(1, Ks, 1) * seq_weight).sum(-1)  # (B, Kc, C): windows (B, Kc, C, Ks) x (C, Ks)
-        w2 = chan_weight.view(H, h, h, Kc)  # (H, h_out, h_in, Kc)
-        out = torch.einsum("bjhi,hoij->bho", mid.view(B, Kc, H, h), w2)  # (B, H, h)
-        return out.reshape(B, 1, C)
+        # per head: (B, Kc * h_in) @ (Kc * h_in, h_out), one batched matmul over the heads
+        mid = mid.view(B, Kc, H, h).permute(2, 0, 1, 3).reshape(H, B, Kc * h)  # (H, B, Kc*h)
+        w2 = chan_weight.view(H, h, h, Kc).permute(0, 3, 2, 1).reshape(H, Kc * h, h)  # (H, Kc*h_in, h_out)
+        return torch.bmm(mid, w2).permute(1, 0, 2).reshape(B, 1, C)
     if sequence_ids is not None:
         seq = F.pad(sequence_ids, (P, 0), value=0)  # (B, P + T) history columns belong to sequence 0
         mid_seq = seq[:, Ks - 1 : Ks - 1 + L1]  # (B, L1) sequence of each mid column's own token
