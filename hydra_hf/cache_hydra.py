@@ -64,6 +64,8 @@ class HydraCacheLayer(CacheLayerMixin):
 
     is_sliding = False
     supports_early_init = False
+    GROWTH = 256  # spare columns a dynamic layer allocates when it grows (appends are in place, not torch.cat)
+    COLUMN_DIM = {"keys": 2, "values": 2, "key_valid": 1, "key_steps": 1}
 
     def __init__(self, rolling_width: int = 1, max_cache_len: int | None = None, step_counter: torch.Tensor | None = None):
         super().__init__()
@@ -80,6 +82,7 @@ class HydraCacheLayer(CacheLayerMixin):
         self._seen = 0  # input steps seen (dynamic layout)
         self.record_past = False
         self.record_start = 0  # first step that `crop` can go back to
+        self._buffers: dict[str, torch.Tensor] = {}  # dynamic layout: storage behind keys / values / key_valid / key_steps
 
     @property
     def is_compileable(self) -> bool:
@@ -168,23 +171,44 @@ class HydraCacheLayer(CacheLayerMixin):
         )
         if not implicit:
             self._materialize_steps()
+        first = self.keys is None
+        if self.key_valid is None and valid is not None and not first:
+            self.key_valid = self._ones(self.keys.shape[0], self.keys.shape[2])  # the columns so far were all valid
+        self._append("keys", key_states)
+        self._append("values", value_states)
         if not implicit:
-            steps = steps.to(torch.int32)
-        if self.keys is None:
-            self.keys, self.values = key_states, value_states
-            self.key_steps = None if implicit else steps
-            self.key_valid = valid
-        else:
-            self.keys = torch.cat([self.keys, key_states], dim=2)
-            self.values = torch.cat([self.values, value_states], dim=2)
-            if not implicit:
-                self.key_steps = torch.cat([self.key_steps, steps], dim=1)
-            if self.key_valid is not None or valid is not None:
-                B, S = self.keys.shape[0], self.keys.shape[2]
-                past = self.key_valid if self.key_valid is not None else self._ones(B, S - steps.shape[1])
-                new = valid if valid is not None else self._ones(*steps.shape)
-                self.key_valid = torch.cat([past, new], dim=1)
+            self._append("key_steps", steps.to(torch.int32))
+        if self.key_valid is not None or valid is not None:
+            self._append("key_valid", valid if valid is not None else self._ones(*steps.shape))
         return self.keys, self.values, (None if self.all_valid else self.key_valid), self.key_steps
+
+    def _append(self, name: str, new: torch.Tensor) -> None:
+        """Append columns to `self.<name>` in place, in a buffer with room for `GROWTH` more columns.
+
+        A decode step then writes one column instead of copying the whole cache (`torch.cat`), so its cost does
+        not grow with the context. The attribute stays a view of the first S columns; when it was replaced by
+        another tensor (crop, beam reorder), the next append starts a new buffer from it.
+        """
+        dim = self.COLUMN_DIM[name]
+        view = getattr(self, name)
+        used = 0 if view is None else view.shape[dim]
+        n = new.shape[dim]
+        buffer = self._buffers.get(name)
+        if (
+            buffer is None
+            or view is None
+            or buffer.shape[dim] < used + n
+            or view.data_ptr() != buffer.data_ptr()
+            or view.shape[0] != buffer.shape[0]
+        ):
+            shape = list(new.shape)
+            shape[dim] = used + n + self.GROWTH
+            buffer = new.new_empty(shape)
+            if used:
+                buffer.narrow(dim, 0, used).copy_(view)
+            self._buffers[name] = buffer
+        buffer.narrow(dim, used, n).copy_(new)
+        setattr(self, name, buffer.narrow(dim, 0, used + n))
 
     def _ones(self, B: int, S: int) -> torch.Tensor:
         return torch.ones(B, S, dtype=torch.bool, device=self.keys.device)
