@@ -712,21 +712,28 @@ class HydraModel(HydraPreTrainedModel):
             gate = _mul(gate, active.to(hidden_states.dtype))
             inputs = replace(inputs, key_visible=active)
             active, index = inputs.token_valid, None
+        processed = B * T
+        if active is not None and T == 1:
+            # One token per row (decoding): the compact sequence would be that token for the rows that process it.
+            # Skip the layer when no row does; otherwise run it in place, rows that skip it adding nothing.
+            selected_rows = int(active[:, 0].sum())
+            if selected_rows == 0:
+                return hidden_states, self._no_attention(hidden_states, inputs), 0
+            if selected_rows < B:  # every row's token is computed (B slots), as the compact path would
+                gate = _mul(gate, active.to(hidden_states.dtype))
+                inputs = replace(inputs, token_valid=active)
+            active, index = None, None
         if active is None:
             update, attn = layer(hidden_states, recursion_embedding, inputs=inputs)
             if gate is not None:
                 update = update * gate.unsqueeze(-1).to(update.dtype)
-            return hidden_states + update, attn, B * T
+            return hidden_states + update, attn, processed
 
         valid = None
         if index is None:
             index, valid = compact_selection(active)  # (B, K), (B, K)
             if index.shape[1] == 0:
-                attn = None
-                if inputs.output_attentions:
-                    total = inputs.past_length + T
-                    attn = hidden_states.new_zeros(B, self.config.num_attention_heads, T, total)
-                return hidden_states, attn, 0
+                return hidden_states, self._no_attention(hidden_states, inputs), 0
             if bool(valid.all()):
                 valid = None
         backend = resolve_backend(self.config.kernel_backend, hidden_states.device)
@@ -748,6 +755,13 @@ class HydraModel(HydraPreTrainedModel):
             scale = _mul(scale, torch.gather(gate, 1, index).to(update.dtype))
         hidden_states = scatter_gated_add(hidden_states, update, index, scale, backend=backend)
         return hidden_states, attn, B * index.shape[1]
+
+    def _no_attention(self, hidden_states: torch.Tensor, inputs: HydraLayerInputs) -> torch.Tensor | None:
+        """The attentions of a layer that processed no token: zeros (when attentions are asked for)."""
+        if not inputs.output_attentions:
+            return None
+        B, T = hidden_states.shape[:2]
+        return hidden_states.new_zeros(B, self.config.num_attention_heads, T, inputs.past_length + T)
 
     def forward(
         self,
@@ -880,6 +894,7 @@ class HydraModel(HydraPreTrainedModel):
         # static size k and the layer gathers with its indices (no data-dependent shape: the training step compiles).
         full_count = T if token_valid is None and sequence_ids is None else None
         R = config.mor_recursions
+        bce_weight = state.mod_aux_weight(config) if (self.mod_routers or self.mor_routers) else 0.0
         for plan in self.plan:
             if plan.group < 0 or plan.group_start:
                 # A new recursion group (or an unshared layer): every token starts active again.
@@ -900,7 +915,7 @@ class HydraModel(HydraPreTrainedModel):
                     out = router(
                         hidden_states, candidates=_and(mor_active, token_valid),
                         capacity=mor_layer_capacity(state.mor_capacity, plan.group, self.num_recursion_groups, plan.recursion),
-                        routing_on=state.mor_enabled, bce_weight=state.mod_aux_weight(config),
+                        routing_on=state.mor_enabled, bce_weight=bce_weight,
                         ponder_weight=state.mor_ponder_loss_coef, z_weight=state.mor_z_loss_coef,
                         sequence_ids=sequence_ids, candidate_count=mor_count,
                     )
@@ -922,7 +937,7 @@ class HydraModel(HydraPreTrainedModel):
             if plan.mod_router is not None:
                 out = self.mod_routers[plan.mod_router](
                     hidden_states, candidates=candidates, capacity=state.mod_capacity, routing_on=state.mod_enabled,
-                    bce_weight=state.mod_aux_weight(config), sequence_ids=sequence_ids, candidate_count=layer_count,
+                    bce_weight=bce_weight, sequence_ids=sequence_ids, candidate_count=layer_count,
                 )
                 _add_losses(record, "mod", out.losses)
                 if out.selected is not None:
