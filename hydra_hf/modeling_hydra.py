@@ -285,6 +285,7 @@ class HydraAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,  # (B, K, E) normalised block input
+        *,
         inputs: HydraLayerInputs,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -442,7 +443,7 @@ class HydraDecoderLayer(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if recursion_embedding is not None:
             hidden_states = hidden_states + recursion_embedding
-        attn_out, attn_weights = self.self_attn(self.input_layernorm(hidden_states), inputs)
+        attn_out, attn_weights = self.self_attn(self.input_layernorm(hidden_states), inputs=inputs)
         mlp_out = self.mlp(self.post_attention_layernorm(hidden_states + attn_out))
         return attn_out + mlp_out, attn_weights
 
