@@ -55,6 +55,7 @@ from .routing_hydra import (
     LayerPlan,
     MoDRouter,
     MoRRouter,
+    RouterInputs,
     RoutingRecord,
     RoutingState,
     TokenChoiceRouter,
@@ -896,6 +897,11 @@ class HydraModel(HydraPreTrainedModel):
         full_count = T if token_valid is None and sequence_ids is None else None
         R = config.mor_recursions
         bce_weight = state.mod_aux_weight(config) if (self.mod_routers or self.mor_routers) else 0.0
+        mod_loss_weights = {"bce": bce_weight}
+        mor_loss_weights = {
+            "bce": bce_weight, "ponder": state.mor_ponder_loss_coef, "z": state.mor_z_loss_coef,
+            "balance": state.mor_balance_loss_coef,
+        }
         for plan in self.plan:
             if plan.group < 0 or plan.group_start:
                 # A new recursion group (or an unshared layer): every token starts active again.
@@ -904,26 +910,24 @@ class HydraModel(HydraPreTrainedModel):
                 depth_count = torch.zeros_like(steps) if (config.mor_enabled and plan.group >= 0) else None
 
             if plan.mor_router is not None:
-                router = self.mor_routers[plan.mor_router]
-                if isinstance(router, TokenChoiceRouter):
-                    out = router(
-                        hidden_states, token_valid=token_valid, routing_on=state.mor_enabled,
-                        balance_weight=state.mor_balance_loss_coef, ponder_weight=state.mor_ponder_loss_coef,
-                        z_weight=state.mor_z_loss_coef,
-                    )
-                    depth, mor_gate = out.depth, out.gate
-                else:
-                    out = router(
-                        hidden_states, candidates=_and(mor_active, token_valid),
+                out = self.mor_routers[plan.mor_router](
+                    hidden_states,
+                    RouterInputs(
+                        candidates=_and(mor_active, token_valid),
+                        token_valid=token_valid,
+                        sequence_ids=sequence_ids,
+                        candidate_count=mor_count,
                         capacity=mor_layer_capacity(state.mor_capacity, plan.group, self.num_recursion_groups, plan.recursion),
-                        routing_on=state.mor_enabled, bce_weight=bce_weight,
-                        ponder_weight=state.mor_ponder_loss_coef, z_weight=state.mor_z_loss_coef,
-                        sequence_ids=sequence_ids, candidate_count=mor_count,
-                    )
-                    mor_gate = out.gate
-                    if out.selected is not None:
-                        mor_active, mor_index = out.selected, out.index
-                        mor_count = None if out.index is None else out.index.shape[1]
+                        routing_on=state.mor_enabled,
+                        loss_weights=mor_loss_weights,
+                    ),
+                )
+                mor_gate = out.gate
+                if out.depth is not None:  # token choice: every token's depth, decided up front
+                    depth = out.depth
+                elif out.selected is not None:  # expert choice: the tokens that continue
+                    mor_active, mor_index = out.selected, out.index
+                    mor_count = None if out.index is None else out.index.shape[1]
                 _add_losses(record, "mor", out.losses)
 
             if depth is not None:  # token choice: depth decided up front
@@ -937,8 +941,16 @@ class HydraModel(HydraPreTrainedModel):
 
             if plan.mod_router is not None:
                 out = self.mod_routers[plan.mod_router](
-                    hidden_states, candidates=candidates, capacity=state.mod_capacity, routing_on=state.mod_enabled,
-                    bce_weight=bce_weight, sequence_ids=sequence_ids, candidate_count=layer_count,
+                    hidden_states,
+                    RouterInputs(
+                        candidates=candidates,
+                        token_valid=token_valid,
+                        sequence_ids=sequence_ids,
+                        candidate_count=layer_count,
+                        capacity=state.mod_capacity,
+                        routing_on=state.mod_enabled,
+                        loss_weights=mod_loss_weights,
+                    ),
                 )
                 _add_losses(record, "mod", out.losses)
                 if out.selected is not None:

@@ -412,6 +412,28 @@ class RouterOutput:
     losses: dict = field(default_factory=dict)
 
 
+@dataclass
+class RouterInputs:
+    """What the layer loop gives every router besides the hidden states (one name per concept).
+
+    - `candidates`: (B, T) bool tokens that may be processed at this layer; None = all.
+    - `token_valid`: (B, T) bool real (non-padding) tokens; None = all.
+    - `sequence_ids`: (B, T) packed-sequence id (top-k per sequence); None = one sequence per row.
+    - `candidate_count`: every row has exactly this many candidates (static top-k size), or None.
+    - `capacity`: fraction of the candidates an expert-choice router keeps.
+    - `routing_on`: the component is switched on (`RoutingState`); off, a router still computes its losses.
+    - `loss_weights`: weight of each auxiliary loss ("bce", "ponder", "z", "balance"); a router reads its own.
+    """
+
+    candidates: torch.Tensor | None = None
+    token_valid: torch.Tensor | None = None
+    sequence_ids: torch.Tensor | None = None
+    candidate_count: int | None = None
+    capacity: float = 1.0
+    routing_on: bool = False
+    loss_weights: dict = field(default_factory=dict)
+
+
 class ExpertChoiceRouter(nn.Module):
     """Expert-choice router (MoD and MoR expert choice): a linear score per token, + an optional predictor.
 
@@ -439,19 +461,12 @@ class ExpertChoiceRouter(nn.Module):
                     nn.init.normal_(m.weight, std=std)
                     nn.init.zeros_(m.bias)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,  # (B, T, E)
-        *,
-        candidates: torch.Tensor | None,  # (B, T) bool tokens that may be processed; None = all
-        capacity: float,
-        routing_on: bool,
-        bce_weight: float,
-        ponder_weight: float = 0.0,
-        z_weight: float = 0.0,
-        sequence_ids: torch.Tensor | None = None,  # (B, T) packed sequences: top-k per sequence
-        candidate_count: int | None = None,  # every row has exactly this many candidates (static top-k)
-    ) -> RouterOutput:
+    def forward(self, hidden_states: torch.Tensor, inputs: RouterInputs) -> RouterOutput:  # hidden (B, T, E)
+        candidates, sequence_ids, candidate_count = inputs.candidates, inputs.sequence_ids, inputs.candidate_count
+        capacity, routing_on = inputs.capacity, inputs.routing_on
+        bce_weight = inputs.loss_weights.get("bce", 0.0)
+        ponder_weight = inputs.loss_weights.get("ponder", 0.0)
+        z_weight = inputs.loss_weights.get("z", 0.0)
         raw_logits = self.proj(router_input(hidden_states, self.proj)).squeeze(-1).float()  # (B, T); the gate sees these
         logits = raw_logits - self.threshold  # (B, T) calibrated: decisions and the BCE use these
         pred_logits = None
@@ -503,16 +518,11 @@ class TokenChoiceRouter(nn.Module):
         nn.init.normal_(self.proj.weight, std=std)
         nn.init.zeros_(self.proj.bias)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,  # (B, T, E)
-        *,
-        token_valid: torch.Tensor | None,  # (B, T) bool real tokens; None = all
-        routing_on: bool,
-        balance_weight: float,
-        ponder_weight: float = 0.0,
-        z_weight: float = 0.0,
-    ) -> RouterOutput:
+    def forward(self, hidden_states: torch.Tensor, inputs: RouterInputs) -> RouterOutput:  # hidden (B, T, E)
+        token_valid, routing_on = inputs.token_valid, inputs.routing_on
+        balance_weight = inputs.loss_weights.get("balance", 0.0)
+        ponder_weight = inputs.loss_weights.get("ponder", 0.0)
+        z_weight = inputs.loss_weights.get("z", 0.0)
         R = self.num_recursions
         logits = self.proj(router_input(hidden_states, self.proj)).float()  # (B, T, R)
         probs = logits.softmax(dim=-1)
