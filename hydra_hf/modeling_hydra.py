@@ -570,6 +570,42 @@ class HydraCausalLMOutputWithPast(ModelOutput):
     router_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
+def _fp32_router_patterns(num_mod: int, num_mor: int, num_moe: int) -> list[str]:
+    """`_keep_in_fp32_modules` for the routers a model has. The optional prefix lets one pattern match both at the
+    root of `HydraModel` and under `model.` (bitsandbytes matches from the start of the name, the fp16 loader
+    anywhere); no `*`, which the loader reads as a glob."""
+    prefix = r"(?:[\w.]+\.)?"
+    patterns = []
+    if num_mod:
+        patterns.append(prefix + r"mod_routers\.\d+")
+    if num_mor:
+        patterns.append(prefix + r"mor_routers\.\d+")
+    if num_moe:
+        patterns.append(prefix + r"moe_blocks\.\d+\.gate")
+    return patterns
+
+
+def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a & b
+
+
+def _mul(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a * b
+
+
+def _add_losses(record: RoutingRecord, component: str, losses: dict) -> None:
+    for name, value in losses.items():
+        record.add_loss(f"{component}_{name}", value)
+
+
 class HydraPreTrainedModel(PreTrainedModel):
     config_class = HydraConfig
     config: HydraConfig
@@ -1015,42 +1051,6 @@ class HydraModel(HydraPreTrainedModel):
             router_logits=router_logits if output_router_logits and router_logits else None,
         )
         return output if return_dict else output.to_tuple()
-
-
-def _fp32_router_patterns(num_mod: int, num_mor: int, num_moe: int) -> list[str]:
-    """`_keep_in_fp32_modules` for the routers a model has. The optional prefix lets one pattern match both at the
-    root of `HydraModel` and under `model.` (bitsandbytes matches from the start of the name, the fp16 loader
-    anywhere); no `*`, which the loader reads as a glob."""
-    prefix = r"(?:[\w.]+\.)?"
-    patterns = []
-    if num_mod:
-        patterns.append(prefix + r"mod_routers\.\d+")
-    if num_mor:
-        patterns.append(prefix + r"mor_routers\.\d+")
-    if num_moe:
-        patterns.append(prefix + r"moe_blocks\.\d+\.gate")
-    return patterns
-
-
-def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a & b
-
-
-def _mul(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a * b
-
-
-def _add_losses(record: RoutingRecord, component: str, losses: dict) -> None:
-    for name, value in losses.items():
-        record.add_loss(f"{component}_{name}", value)
 
 
 class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
