@@ -161,6 +161,34 @@ def eager_attention_forward(
     return attn_output.transpose(1, 2).contiguous(), attn_weights
 
 
+# One query per row over this many cached keys (batch x KV heads x columns) or more: on CPU, two grouped matmuls beat
+# PyTorch's SDPA kernel for HYDRA's small latent heads (measured at h = 16: 0.19 vs 0.48 ms at 8 x 2 x 2048 keys; below
+# ~16K keys SDPA is as fast or faster). `docs/decode.md` has the numbers.
+DECODE_MATMUL_MIN_KEYS = 16384
+
+
+def grouped_decode_attention(
+    module: nn.Module,
+    query: torch.Tensor,  # (B, Hq, 1, h)
+    key: torch.Tensor,  # (B, Hk, S, h)
+    value: torch.Tensor,  # (B, Hk, S, h)
+    attention_mask: torch.Tensor | None,  # (B, 1, 1, S) bool, True = attend; None = every key
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    """Single-token attention, the query heads of a KV group as one matmul (no KV repeat): the same result as SDPA,
+    used by HYDRA's sdpa path for long CPU decodes."""
+    B, Hq, _, h = query.shape
+    Hk = key.shape[1]
+    scores = torch.matmul(query.view(B, Hk, Hq // Hk, h), key.transpose(2, 3)) * scaling  # (B, Hk, g, S)
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs, value)  # (B, Hk, g, h)
+    return out.view(B, Hq, 1, h).transpose(1, 2), None  # (B, 1, Hq, h)
+
+
 def build_attention_mask(
     query_steps: torch.Tensor,  # (B, K) input step of each query
     key_steps: torch.Tensor,  # (B, S) input step of each key column
@@ -388,9 +416,16 @@ class HydraAttention(nn.Module):
                 inputs.steps, key_steps, key_valid, valid, sequence_ids, key_sequence, None if static else new_columns_at
             )
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        implementation = self.config._attn_implementation
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        if (
+            implementation == "sdpa"
+            and K == 1
+            and (attention_mask is None or attention_mask.dtype == torch.bool)
+            and query_states.device.type == "cpu"
+            and B * Hk * S >= DECODE_MATMUL_MIN_KEYS
+        ):
+            attention_interface = grouped_decode_attention
         attn_output, attn_weights = attention_interface(
             self,
             query_states,

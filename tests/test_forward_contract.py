@@ -269,3 +269,46 @@ def test_router_logits_only_when_asked_and_routing_ignored_at_inference():
     assert plain.router_logits is None
     assert len(asked.router_logits) == 2 and asked.router_logits[0].shape == (2 * 5, 3)
     assert "routing" in model.config.keys_to_ignore_at_inference
+
+
+def test_grouped_decode_attention_equals_sdpa(monkeypatch):
+    """The CPU decode path for long caches (two grouped matmuls) gives SDPA's result, inside the model too."""
+    import torch.nn.functional as F
+
+    from hydra_hf import modeling_hydra
+
+    q, k, v = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 40, 16), torch.randn(3, 2, 40, 16)
+    ours, _ = modeling_hydra.grouped_decode_attention(None, q, k, v, None, scaling=0.25)
+    ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, scale=0.25).transpose(1, 2)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+    mask = torch.rand(3, 1, 1, 40) > 0.3
+    ours, _ = modeling_hydra.grouped_decode_attention(None, q, k, v, mask, scaling=0.25)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, scale=0.25).transpose(1, 2)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+
+    model = tiny_model().eval()  # dense: every cached column valid, so decode attention has no mask
+    x = torch.randint(1, 97, (2, 9))
+    with torch.no_grad():
+        plain = model.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        monkeypatch.setattr(modeling_hydra, "DECODE_MATMUL_MIN_KEYS", 0)
+        calls = []
+        real = modeling_hydra.grouped_decode_attention
+        monkeypatch.setattr(modeling_hydra, "grouped_decode_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        grouped = model.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
+                                 return_dict_in_generate=True)
+        full = model(grouped.sequences).logits
+    assert model.config._attn_implementation == "sdpa" and len(calls) > 0  # the grouped path really ran
+    assert torch.equal(plain, grouped.sequences)
+    for step, logits in enumerate(grouped.logits):
+        torch.testing.assert_close(logits, full[:, 8 + step], atol=1e-4, rtol=0)
+    # routed layers and left padding: the decode masks go through the same path
+    routed = tiny_model(**ROUTING_MODES["all"]).eval()
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        out = routed.generate(x, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                              output_logits=True, return_dict_in_generate=True)
+        full_mask = torch.cat([mask, torch.ones(2, 6, dtype=torch.long)], 1)
+        full = routed(out.sequences, attention_mask=full_mask).logits
+    for step, logits in enumerate(out.logits):
+        torch.testing.assert_close(logits, full[:, 8 + step], atol=1e-4, rtol=0)
