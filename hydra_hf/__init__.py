@@ -1,10 +1,16 @@
 """hydra_hf: the HYDRA architecture for the Hugging Face stack.
 
 Importing this package registers `HydraConfig` (model_type "hydra"), `HydraModel` and
-`HydraForCausalLM` with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`.
+`HydraForCausalLM` with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`, and names them in
+transformers' model-name tables (`MODEL_MAPPING_NAMES`, `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`), as an
+in-tree model is named. Code that reads those tables then treats HYDRA like Llama: the `Trainer`
+shifts labels for label smoothing, the text-generation pipeline accepts the model, the `Trainer`
+refuses a bare `HydraModel` with its usual message. (The Auto classes resolve HYDRA through their
+registration; the tables only name the classes, they never import them.)
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers.models.auto import modeling_auto
 
 from .cache_hydra import HydraCache, HydraCacheLayer, HydraStaticCache
 from .configuration_hydra import PRESET_NAMES, HydraConfig
@@ -25,6 +31,8 @@ AutoModelForCausalLM.register(HydraConfig, HydraForCausalLM, exist_ok=True)
 HydraConfig.register_for_auto_class()
 HydraModel.register_for_auto_class("AutoModel")
 HydraForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+modeling_auto.MODEL_MAPPING_NAMES.setdefault("hydra", "HydraModel")
+modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault("hydra", "HydraForCausalLM")
 
 __all__ = [
     "HydraConfig",

@@ -312,3 +312,28 @@ def test_grouped_decode_attention_equals_sdpa(monkeypatch):
         full = routed(out.sequences, attention_mask=full_mask).logits
     for step, logits in enumerate(out.logits):
         torch.testing.assert_close(logits, full[:, 8 + step], atol=1e-4, rtol=0)
+
+
+def test_named_like_an_in_tree_causal_lm():
+    """transformers code that reads its model-name tables treats HYDRA as a causal LM (label smoothing shifts the
+    labels, the text-generation pipeline accepts it), while the Auto classes still resolve it by registration."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+    from transformers.models.auto import modeling_auto
+
+    assert "HydraForCausalLM" in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    assert "HydraModel" in modeling_auto.MODEL_MAPPING_NAMES.values()
+    config = tiny_model().config
+    assert isinstance(AutoModelForCausalLM.from_config(config), HydraForCausalLM)
+
+    model = tiny_model().train()
+    x = torch.randint(0, 97, (2, 10))
+    args = TrainingArguments(output_dir="/tmp/hydra_label_smoothing", label_smoothing_factor=0.1, report_to=[],
+                             use_cpu=True)
+    trainer = Trainer(model=model, args=args)
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, {"input_ids": x, "labels": x})
+        logits = model(x).logits
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 97), x[:, 1:].reshape(-1), label_smoothing=0.1
+    )
+    torch.testing.assert_close(loss, expected, atol=1e-4, rtol=1e-4)
