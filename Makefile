@@ -13,7 +13,7 @@ install: $(VENV)/.installed
 
 # The main job: hydra-train with no arguments trains a small HYDRA on the embedded default corpus
 # (this Python's standard library source), then writes the report and a sample. Measured on 2 idle CPU cores from a
-# fresh clone, venv install included: 4 min 49 s, of which 204 s of training (2026-11-24, forward path v2).
+# fresh clone, venv install included: 4 min 49 s, of which 204 s of training (2026-11-24).
 RUN ?= hydra-run
 demo: $(VENV)/.installed
 	$(VENV)/bin/hydra-train --output_dir $(RUN)
