@@ -16,7 +16,7 @@ import torch
 
 from hydra_hf import HydraConfig, HydraForCausalLM, ops
 from hydra_hf.ops import reference as R
-from conftest import DEVICE, INTERPRET, rel
+from conftest import DEVICE, rel
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
@@ -183,34 +183,35 @@ def test_the_grid_covers_odd_sizes_and_every_conv_kernel_class():
     assert len(refused) == len(ops.TRITON_LIMITS)  # one refused config per limit
 
 
-@pytest.mark.skipif(not INTERPRET, reason="CPU interpreter case")
 def test_float64_runs_the_reference(monkeypatch):
     """The kernels compute in fp32 / bf16 / fp16: float64 tensors take the reference on every backend."""
     calls = _spy_on_kernels(monkeypatch)
     g = torch.Generator().manual_seed(0)
-    x, ws, wc = (torch.randn(2, 5, 21, generator=g, dtype=torch.float64), torch.randn(21, 3, generator=g, dtype=torch.float64),
-                 torch.randn(21, 7, 2, generator=g, dtype=torch.float64))
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE)
+
+    x, ws, wc = randn(2, 5, 21), randn(21, 3), randn(21, 7, 2)
     assert torch.equal(ops.causal_conv(x, ws, wc, 3, backend="triton"), R.causal_conv_ref(x, ws, wc, 3))
-    xr, w = torch.randn(4, 42, generator=g, dtype=torch.float64), torch.randn(42, generator=g, dtype=torch.float64)
+    xr, w = randn(4, 42), randn(42)
     assert torch.equal(ops.rms_norm(xr, w, 1e-6, backend="triton"), R.rms_norm_ref(xr, w, 1e-6))
-    idx = torch.tensor([[0, 2], [1, 4]])
-    xg = torch.randn(2, 5, 42, generator=g, dtype=torch.float64)
+    idx = torch.tensor([[0, 2], [1, 4]], device=DEVICE)
+    xg = randn(2, 5, 42)
     assert torch.equal(ops.gather_tokens(xg, idx, backend="triton"), R.gather_tokens_ref(xg, idx))
     assert sum(calls.values()) == 0
     ops.causal_conv(x.float(), ws.float(), wc.float(), 3, backend="triton")  # fp32: the kernel
     assert calls["causal_conv"] == 1
 
 
-@pytest.mark.skipif(not INTERPRET, reason="CPU interpreter case")
 def test_odd_config_model_step_on_the_triton_backend():
-    """End to end: the odd MQA config trains a step and decodes on kernel_backend='triton' like 'torch'."""
+    """End to end: the odd MQA config trains a step on kernel_backend="triton" like "torch" (loss and every gradient)."""
     overrides = dict(GRID["h7-hq3-mqa"][0], mod_enabled=True, mod_every=1, moe_enabled=True, moe_num_layers=1,
                      num_local_experts=3, num_experts_per_tok=2)
-    ids = torch.randint(0, 11, (2, 9), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 11, (2, 9), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     results = {}
     for backend in ("torch", "triton"):
         torch.manual_seed(0)
-        model = HydraForCausalLM(_config(overrides, backend))
+        model = HydraForCausalLM(_config(overrides, backend)).to(DEVICE)
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
