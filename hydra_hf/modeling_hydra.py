@@ -1143,17 +1143,11 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
         A user-passed cache is used as is. An assistant (draft) model's cache records its rolling states so that
         `crop` can undo the rejected draft tokens.
         """
-        user_cache = model_kwargs.get("past_key_values")
-        if user_cache is not None:
-            if generation_config.cache_implementation is not None:
-                raise ValueError(
-                    "Passing both `cache_implementation` and `past_key_values` (a Cache object) is unsupported. "
-                    "Please use only one of the two."
-                )
-            user_cache._is_user_defined = True
-            return
-        if generation_config.use_cache is False:
-            return
+        if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
+            # a user-passed cache (transformers checks it against `cache_implementation`) or no cache at all
+            return super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+            )
         implementation = generation_config.cache_implementation
         if implementation in (None, "dynamic"):
             cache = HydraCache(self.config)

@@ -66,6 +66,10 @@ def test_generate_creates_the_cache_and_crop_follows_transformers():
     assert isinstance(cache, HydraCache) and cache.get_seq_length() == 9
     cache.crop(0)
     assert cache.get_seq_length() == 9  # crop(0) removes nothing
+    mine = HydraCache(model.config)  # a cache the user passes is the one generate fills
+    with torch.no_grad():
+        again = model.generate(x, max_new_tokens=4, do_sample=False, pad_token_id=0, past_key_values=mine)
+    assert torch.equal(again, out.sequences) and mine.get_seq_length() == 9
     with pytest.raises(ValueError, match="negative"):
         cache.crop(2)
 
