@@ -15,7 +15,15 @@ from transformers.configuration_utils import PreTrainedConfig
 from .ops_hydra import KERNEL_BACKENDS  # the one list of backends (the dispatcher validates against it too)
 
 MOR_SHARING_MODES = ("sequence", "middle_cycle")
-MOR_ROUTING_MODES = ("expert_choice", "token_choice")
+
+def _routing_modes(component: str) -> tuple[str, ...]:
+    """The routing modes of `component` ("mod" / "mor"): the table in routing_hydra.py (a leaf module, torch only)."""
+    from .routing_hydra import ROUTING_MODES
+
+    return tuple(ROUTING_MODES[component])
+
+
+MOR_ROUTING_MODES = ("expert_choice", "token_choice")  # the built-in ones (see routing_hydra.ROUTING_MODES)
 
 # name -> (hidden, unique blocks, recursions, query heads, kv heads, intermediate, vocab)
 # Latent head dim h = hidden / (compression_factor * query heads), compression_factor = 4.
@@ -110,7 +118,8 @@ class HydraConfig(PreTrainedConfig):
         mor_enabled (`bool`, *optional*, defaults to `False`):
             Route tokens to their own recursion depth (otherwise every token gets full depth).
         mor_routing (`str`, *optional*, defaults to `"expert_choice"`):
-            `"expert_choice"` (hierarchical top-k per recursion) or `"token_choice"` (depth picked up front).
+            `"expert_choice"` (hierarchical top-k per recursion) or `"token_choice"` (depth picked up front); the
+            modes are the entries of `routing_hydra.ROUTING_MODES["mor"]`.
         mor_capacity (`float` or `list[float]`, *optional*):
             Fraction of tokens that continue at each recursion step after the first (expert choice). `None` uses
             the layer-aware schedule: early blocks keep ~40%, late blocks ~80%.
@@ -134,6 +143,9 @@ class HydraConfig(PreTrainedConfig):
             (a buffer, like BatchNorm's running mean, updated in training forwards with this momentum) and
             subtract it from their logit, so that "processed iff logit > 0" at inference keeps the training
             capacity even when the BCE weight is small. 0 = off (raw router logit).
+        mod_routing (`str`, *optional*, defaults to `"expert_choice"`):
+            How MoD routers decide: `"expert_choice"` (top-k in training, "logit > 0" at inference). Modes are the
+            entries of `routing_hydra.ROUTING_MODES["mod"]` (a new mode is a router class there).
         mod_use_predictor (`bool`, *optional*, defaults to `False`):
             Train a small MLP on the detached block input to predict top-k membership and use it at inference.
         moe_enabled (`bool`, *optional*, defaults to `False`):
@@ -220,6 +232,7 @@ class HydraConfig(PreTrainedConfig):
     mod_every: int = 2
     mod_aux_loss_coef: float | int | None = None
     router_threshold_momentum: float | int = 0.05
+    mod_routing: str = "expert_choice"
     mod_use_predictor: bool = False
     moe_enabled: bool = False
     moe_num_layers: int = 0
@@ -378,8 +391,10 @@ class HydraConfig(PreTrainedConfig):
             raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
         if self.mor_sharing not in MOR_SHARING_MODES:
             raise ValueError(f"mor_sharing must be one of {MOR_SHARING_MODES}, got {self.mor_sharing!r}")
-        if self.mor_routing not in MOR_ROUTING_MODES:
-            raise ValueError(f"mor_routing must be one of {MOR_ROUTING_MODES}, got {self.mor_routing!r}")
+        for component in ("mod", "mor"):
+            modes, value = _routing_modes(component), getattr(self, f"{component}_routing")
+            if value not in modes:
+                raise ValueError(f"{component}_routing must be one of {modes}, got {value!r}")
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}")
         if not (self.fused_linear_cross_entropy is None or isinstance(self.fused_linear_cross_entropy, bool)):

@@ -19,7 +19,8 @@ What one layer needs besides its hidden states travels in one `HydraLayerInputs`
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+import inspect
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
-from .cache_hydra import HydraCache, HydraCacheLayer, HydraCacheMixin, HydraStaticCache
+from .cache_hydra import HydraCache, HydraCacheMixin, HydraStaticCache
 from .configuration_hydra import HydraConfig
 from .ops_hydra import (
     causal_conv,
@@ -53,17 +54,14 @@ from .routing_hydra import (
     ExpertChoiceRouter,
     ExpertRouting,
     LayerPlan,
-    MoDRouter,
-    MoRRouter,
-    RouterInputs,
+    LayerSelection,
+    RoutingPass,
     RoutingRecord,
     RoutingState,
     TokenChoiceRouter,
     attach_aux_loss,
     build_layer_plan,
-    compact_selection,
-    forced_experts,
-    mor_layer_capacity,
+    build_router,
     num_recursion_groups,
     route_experts,
     router_input,
@@ -71,6 +69,12 @@ from .routing_hydra import (
 )
 
 logger = logging.get_logger(__name__)
+
+# The keyword under which `generate()` keeps the cache in its model kwargs and passes it to `forward`: `cache` from
+# transformers 5.24 on, `past_key_values` before. HYDRA's forwards take both.
+GENERATE_CACHE_KWARG = (
+    "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters else "past_key_values"
+)
 
 
 class HydraRMSNorm(nn.Module):
@@ -253,45 +257,51 @@ def _shift_in(
     return torch.cat([state.to(x.dtype), x[:, :-1]], dim=1)
 
 
-@dataclass
-class HydraLayerInputs:
-    """Everything an effective layer needs besides its hidden states, for the (B, K) tokens it runs on.
+@dataclass(frozen=True)
+class HydraTokens:
+    """The (B, K) tokens one effective layer runs on: the forward's token facts, gathered for its `LayerSelection`.
 
-    Built by `HydraModel.forward` (gathered for a compact layer) and passed by keyword down to attention.
+    Made by `HydraModel` for each layer and passed down to attention, which reads it and never changes it.
     """
 
     position_embeddings: tuple[torch.Tensor, torch.Tensor]  # cos, sin (B, K, r)
     steps: torch.Tensor  # (B, K) index of each token in the input stream (past + t): causality and the cache
-    token_valid: torch.Tensor | None = None  # (B, K) bool real slots, valid first; None = all
+    slot_valid: torch.Tensor | None = None  # (B, K) bool slots whose token is processed, valid first; None = all
     sequence_ids: torch.Tensor | None = None  # (B, K) packed-sequence id; None = one sequence per row
-    key_visible: torch.Tensor | None = None  # (B, K) bool keys others may attend to (static routing)
-    cache_layer: HydraCacheLayer | None = None
+    key_visible: torch.Tensor | None = None  # (B, K) bool keys the others may attend to (static routing); None = all
     past_length: int | torch.Tensor = 0  # input steps before this forward (a 0-dim tensor on the static cache)
     input_length: int = 0  # T, input steps of this forward
-    cache_all_steps: bool = False  # the layer skips only padding: cache a column per step (padding invalid)
+    every_step: bool = True  # the K tokens are the forward's T steps in order (in place), not a gathered subset
+    cache_every_step: bool = True  # a gathered layer that left out only padding: the cache keeps a column per step
     output_attentions: bool = False  # return weights over input positions (B, H, T, past + T)
 
+    @property
+    def key_valid(self) -> torch.Tensor | None:
+        """(B, K) new keys that may be attended to: processed slots that are not hidden."""
+        if self.key_visible is None:
+            return self.slot_valid
+        return self.key_visible if self.slot_valid is None else self.slot_valid & self.key_visible
 
-class HydraAttention(nn.Module):
-    """Compressed Convolutional Grouped-Query Attention (CCGQA, arXiv 2510.04476).
 
-    Queries and keys are down-projected to latent heads, mixed over time by causal convolutions,
-    L2-normalised with a learnable key temperature, rotated (partial RoPE), and attend in the
-    latent space; values are latent too (half of the KV heads shifted by one token).
+class HydraCCAProjection(nn.Module):
+    """The CCGQA projection (arXiv 2510.04476): hidden states -> latent query, key and value heads.
+
+    Queries and keys are down-projected to latent heads (width E/C), their q-k mean kept, mixed over time by causal
+    convolutions (a depthwise sequence conv, then a channel conv grouped per head), the mean added back,
+    L2-normalised with a learnable per-KV-head key temperature and rotated (partial RoPE). Values are latent too; the
+    last `num_value_shift_heads` KV heads take the previous processed token's values (the value shift). The conv and
+    value-shift history of a cached decode lives in the cache layer's rolling state.
+
+    `HydraAttention` is this projection plus the attention call; the parameters keep their flat names
+    (`self_attn.q_proj`, `self_attn.q_seq_conv`, ...) so every saved checkpoint and PEFT adapter loads unchanged.
     """
 
-    def __init__(self, config: HydraConfig, layer_idx: int):
+    def __init__(self, config: HydraConfig):
         super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.num_key_value_heads
-        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
         self.head_dim = config.latent_head_dim
         self.num_shift_heads = config.num_value_shift_heads
-        self.scaling = self.head_dim**-0.5
-        self.attention_dropout = config.attention_dropout
-        self.is_causal = True
         self.use_qk_mean = config.use_qk_mean
         self.seq_kernel = config.qk_conv_kernel_size
         self.chan_kernel = config.qk_channel_conv_kernel_size
@@ -303,7 +313,6 @@ class HydraAttention(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, q_width, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=False)
-        self.o_proj = nn.Linear(q_width, config.hidden_size, bias=False)
         # Causal convs on latent q and k: depthwise over time, then grouped per head.
         self.q_seq_conv = nn.Parameter(torch.empty(q_width, self.seq_kernel))  # (C, Ks)
         self.k_seq_conv = nn.Parameter(torch.empty(kv_width, self.seq_kernel))
@@ -311,22 +320,21 @@ class HydraAttention(nn.Module):
         self.k_chan_conv = nn.Parameter(torch.empty(kv_width, self.head_dim, self.chan_kernel))
         self.key_temperature = nn.Parameter(torch.ones(self.num_key_value_heads))  # (Hk,)
 
-    def forward(
+    def project(
         self,
         hidden_states: torch.Tensor,  # (B, K, E) normalised block input
-        *,
-        inputs: HydraLayerInputs,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokens: HydraTokens,
+        cache_layer=None,  # the layer's cache slot: reads and advances its rolling conv / value-shift state
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> query (B, Hq, K, h), key (B, Hk, K, h), value (B, Hk, K, h), post-norm and RoPE."""
         B, K, _ = hidden_states.shape
         Hq, Hk, h, Hs = self.num_heads, self.num_key_value_heads, self.head_dim, self.num_shift_heads
         backend = resolve_backend(self.kernel_backend, hidden_states.device)
-        valid, sequence_ids, cache_layer = inputs.token_valid, inputs.sequence_ids, inputs.cache_layer
+        sequence_ids = tokens.sequence_ids
 
         q = self.q_proj(hidden_states)  # (B, K, Hq*h)
         k = self.k_proj(hidden_states)  # (B, K, Hk*h)
         v = self.v_proj(hidden_states).view(B, K, Hk, h)  # (B, K, Hk, h)
-
         q_mean = k_mean = None
         if self.use_qk_mean:
             q_mean, k_mean = qk_mean(q.view(B, K, Hq, h), k.view(B, K, Hk, h), backend=backend)
@@ -366,54 +374,55 @@ class HydraAttention(nn.Module):
             v = torch.cat([v[:, :, : Hk - Hs], shifted.view(B, K, Hs, h)], dim=2)  # (B, K, Hk, h)
 
         if cache_layer is not None:
-            columns = [qk] if shift_source is None else [qk, shift_source]
-            counts = None if valid is None else valid.sum(dim=1)  # (B,)
-            cache_layer.update_rolling(columns[0] if len(columns) == 1 else torch.cat(columns, dim=-1), inputs.steps, counts)
+            columns = qk if shift_source is None else torch.cat([qk, shift_source], dim=-1)
+            counts = None if tokens.slot_valid is None else tokens.slot_valid.sum(dim=1)  # (B,)
+            cache_layer.update_rolling_state(columns, tokens.steps, counts)
 
-        cos, sin = inputs.position_embeddings
+        cos, sin = tokens.position_embeddings
         q_out, k_out = qk_norm_rope(
             q_conv.view(B, K, Hq, h), k_conv.view(B, K, Hk, h), q_mean, k_mean, self.key_temperature,
             cos, sin, backend=backend,
         )
-        query_states = q_out.transpose(1, 2)  # (B, Hq, K, h)
-        key_states = k_out.transpose(1, 2)  # (B, Hk, K, h)
-        value_states = v.transpose(1, 2)  # (B, Hk, K, h)
+        return q_out.transpose(1, 2), k_out.transpose(1, 2), v.transpose(1, 2)
 
-        stored_valid = valid
-        if inputs.key_visible is not None:
-            stored_valid = inputs.key_visible if valid is None else valid & inputs.key_visible
-        key_steps, key_valid = inputs.steps, stored_valid
-        if cache_layer is not None:
-            new_keys, new_values, new_steps = key_states, value_states, inputs.steps
-            T = inputs.input_length
-            if inputs.cache_all_steps and K < T and sequence_ids is None and cache_layer.max_cache_len is None:
-                # Only padding was left out: cache one column per input step (padding invalid), as Llama does.
-                cols = (inputs.steps - inputs.past_length).long()  # (B, K) unique per row
-                spread = cols[:, None, :, None].expand(B, Hk, K, h)
-                new_keys = key_states.new_zeros(B, Hk, T, h).scatter(2, spread, key_states)
-                new_values = value_states.new_zeros(B, Hk, T, h).scatter(2, spread, value_states)
-                kept = stored_valid if stored_valid is not None else torch.ones_like(cols, dtype=torch.bool)
-                stored_valid = torch.zeros(B, T, dtype=torch.bool, device=cols.device).scatter(1, cols, kept)
-                new_steps = (torch.arange(T, device=cols.device) + inputs.past_length).expand(B, T)
-            first_step = None  # the new columns' steps are past + arange: the layer may keep them implicit
-            if new_keys.shape[2] == T and (new_steps is not inputs.steps or (valid is None and K == T)):
-                first_step = inputs.past_length if isinstance(inputs.past_length, int) else None
-            key_states, value_states, key_valid, key_steps = cache_layer.update(
-                new_keys, new_values, new_steps, stored_valid, first_step
-            )
-        S = key_states.shape[2]
-        new_columns_at = S - (new_keys.shape[2] if cache_layer is not None else K)
+
+class HydraAttention(HydraCCAProjection):
+    """Compressed Convolutional Grouped-Query Attention (CCGQA): the `HydraCCAProjection`, causal GQA in the latent
+    space through transformers' attention interface, and the up-projection Hq*h -> E."""
+
+    def __init__(self, config: HydraConfig, layer_idx: int):
+        super().__init__(config)
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # (B, K, E) normalised block input
+        *,
+        tokens: HydraTokens,
+        cache: HydraCache | HydraStaticCache | None = None,
+        cache_index: int | None = None,  # the effective layer: its cache slot (a shared block has one per pass)
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, K, _ = hidden_states.shape
+        cache_layer = cache.layers[cache_index] if cache is not None else None
+        query, key, value = self.project(hidden_states, tokens, cache_layer)  # (B, Hq|Hk, K, h)
+        key, value, key_steps, key_valid, new_columns_at = self._store(key, value, tokens, cache, cache_index)
+        S = key.shape[2]
+
         attention_mask = None
-        need_mask = key_valid is not None or valid is not None or sequence_ids is not None or (K > 1 and S != K)
-        if key_steps is None and (need_mask or inputs.output_attentions):
-            key_steps = cache_layer.column_steps()
-        if need_mask:
-            key_sequence = sequence_ids
-            if sequence_ids is not None and S != K:  # cached columns continue the row's first sequence
-                key_sequence = F.pad(sequence_ids, (S - K, 0), value=0)
-            static = cache_layer is not None and cache_layer.max_cache_len is not None
+        need_mask = key_valid is not None or tokens.slot_valid is not None or tokens.sequence_ids is not None
+        if need_mask or (K > 1 and S != K):
+            key_sequence = tokens.sequence_ids
+            if key_sequence is not None and S != K:  # cached columns continue the row's first sequence
+                key_sequence = F.pad(key_sequence, (S - K, 0), value=0)
             attention_mask = build_attention_mask(
-                inputs.steps, key_steps, key_valid, valid, sequence_ids, key_sequence, None if static else new_columns_at
+                tokens.steps, key_steps, key_valid, tokens.slot_valid, tokens.sequence_ids, key_sequence, new_columns_at
             )
 
         implementation = self.config._attn_implementation
@@ -421,38 +430,78 @@ class HydraAttention(nn.Module):
         if (
             implementation == "sdpa"
             and K == 1
-            and (attention_mask is None or attention_mask.dtype == torch.bool)
-            and query_states.device.type == "cpu"
-            and B * Hk * S >= DECODE_MATMUL_MIN_KEYS
+            and query.device.type == "cpu"
+            and B * self.num_key_value_heads * S >= DECODE_MATMUL_MIN_KEYS
         ):
             attention_interface = grouped_decode_attention
         attn_output, attn_weights = attention_interface(
             self,
-            query_states,
-            key_states,
-            value_states,
+            query,
+            key,
+            value,
             attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
         )
-        attn_output = attn_output.reshape(B, K, Hq * h)
-        if inputs.output_attentions and attn_weights is not None:
-            total = inputs.past_length + inputs.input_length
-            if cache_layer is not None and cache_layer.max_cache_len is not None:
-                total = S  # the static cache: weights over all max_cache_len columns, as transformers' StaticCache
-            expanded = expand_attention_weights(
-                attn_weights, inputs.steps, key_steps, valid, inputs.past_length, inputs.input_length, total
-            )
-            if expanded is not attn_weights and S <= total:
-                # Compute the output from the returned (B, H, T, total) weights, as eager attention does, so the
-                # returned tensor is on the path to the loss (`retain_grad` on attentions works).
-                rows = (inputs.steps - inputs.past_length).long()[:, None, :, None].expand(B, Hq, K, total)
-                cols = key_steps.long()[:, None, None, :].expand(B, Hq, K, S)
-                back = expanded.gather(2, rows).gather(3, cols)  # (B, Hq, K, S)
-                values = repeat_kv(value_states, self.num_key_value_groups)
-                attn_output = torch.matmul(back.to(values.dtype), values).transpose(1, 2).reshape(B, K, Hq * h)
-            attn_weights = expanded
+        attn_output = attn_output.reshape(B, K, -1)  # (B, K, Hq*h)
+        if tokens.output_attentions and attn_weights is not None:
+            attn_output, attn_weights = self._weights_over_inputs(attn_weights, value, tokens, key_steps, attn_output)
         return self.o_proj(attn_output), attn_weights
+
+    def _store(
+        self,
+        key: torch.Tensor,  # (B, Hk, K, h)
+        value: torch.Tensor,  # (B, Hk, K, h)
+        tokens: HydraTokens,
+        cache: HydraCache | HydraStaticCache | None,
+        cache_index: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int | None]:
+        """Write the new keys/values to the cache as the selection says; -> every key and value the queries may
+        see, each column's step (B, S) and validity (B, S) or None, and where this forward's columns start (None:
+        the static layout, where column = step)."""
+        key_valid = tokens.key_valid
+        if cache is None:
+            return key, value, tokens.steps, key_valid, 0
+        B, Hk, K, h = key.shape
+        T, past = tokens.input_length, tokens.past_length
+        steps: torch.Tensor | int = tokens.steps
+        static = isinstance(cache, HydraStaticCache)
+        if tokens.every_step and isinstance(past, int):
+            steps = past  # the forward's steps in order: a dense layer keeps its steps implicit
+        elif not tokens.every_step and tokens.cache_every_step and K < T and tokens.sequence_ids is None and not static:
+            # Only padding was left out: cache one column per input step (padding invalid), as Llama does.
+            cols = (tokens.steps - past).long()  # (B, K) unique per row
+            spread = cols[:, None, :, None].expand(B, Hk, K, h)
+            key = key.new_zeros(B, Hk, T, h).scatter(2, spread, key)
+            value = value.new_zeros(B, Hk, T, h).scatter(2, spread, value)
+            kept = key_valid if key_valid is not None else torch.ones_like(cols, dtype=torch.bool)
+            key_valid = torch.zeros(B, T, dtype=torch.bool, device=cols.device).scatter(1, cols, kept)
+            steps = past
+        keys, values = cache.update(key, value, cache_index, steps=steps, valid=key_valid)
+        layer = cache.layers[cache_index]
+        new_columns_at = None if static else keys.shape[2] - key.shape[2]
+        return keys, values, layer.column_steps(), layer.column_valid(), new_columns_at
+
+    def _weights_over_inputs(self, attn_weights, value, tokens: HydraTokens, key_steps, attn_output):
+        """Attention weights over input positions (B, H, T, past + T), zeros where a token was skipped; the output
+        is recomputed from the returned weights, as eager attention does, so `retain_grad` on them works."""
+        B, K = tokens.steps.shape
+        S = key_steps.shape[1]
+        past = tokens.past_length if isinstance(tokens.past_length, int) else int(tokens.past_length)
+        total = past + tokens.input_length
+        if not isinstance(tokens.past_length, int):
+            total = S  # the static cache: weights over all max_cache_len columns, as transformers' StaticCache
+        expanded = expand_attention_weights(
+            attn_weights, tokens.steps, key_steps, tokens.slot_valid, past, tokens.input_length, total
+        )
+        if expanded is not attn_weights and S <= total:
+            Hq = attn_weights.shape[1]
+            rows = (tokens.steps - past).long()[:, None, :, None].expand(B, Hq, K, total)
+            cols = key_steps.long()[:, None, None, :].expand(B, Hq, K, S)
+            back = expanded.gather(2, rows).gather(3, cols)  # (B, Hq, K, S)
+            values = repeat_kv(value, self.num_key_value_groups)
+            attn_output = torch.matmul(back.to(values.dtype), values).transpose(1, 2).reshape(B, K, -1)
+        return attn_output, expanded
 
 
 class HydraDecoderLayer(GradientCheckpointingLayer):
@@ -475,11 +524,15 @@ class HydraDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,  # (B, K, E)
         recursion_embedding: torch.Tensor | None = None,  # (E,) added on recursion passes of a shared block
         *,
-        inputs: HydraLayerInputs,
+        tokens: HydraTokens,
+        cache: HydraCache | HydraStaticCache | None = None,
+        cache_index: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if recursion_embedding is not None:
             hidden_states = hidden_states + recursion_embedding
-        attn_out, attn_weights = self.self_attn(self.input_layernorm(hidden_states), inputs=inputs)
+        attn_out, attn_weights = self.self_attn(
+            self.input_layernorm(hidden_states), tokens=tokens, cache=cache, cache_index=cache_index
+        )
         mlp_out = self.mlp(self.post_attention_layernorm(hidden_states + attn_out))
         return attn_out + mlp_out, attn_weights
 
@@ -533,15 +586,42 @@ class HydraMoEBlock(nn.Module):
         return hidden_states + y.view(B, T, E).to(hidden_states.dtype), routing, logits
 
 
+class _CacheNameAlias:
+    """`cache` is the output field (transformers >= 5.24 names it so); `past_key_values`, its name before, reads and
+    writes the same field on every supported version, as an attribute and as a key (what `generate()` of transformers
+    5.20-5.23 looks up), without a deprecation warning."""
+
+    @staticmethod
+    def _field_name(key):
+        return "cache" if key == "past_key_values" else key
+
+    @property
+    def past_key_values(self):
+        return self.cache
+
+    @past_key_values.setter
+    def past_key_values(self, value):
+        self.cache = value
+
+    def __getitem__(self, key):
+        return super().__getitem__(self._field_name(key) if isinstance(key, str) else key)
+
+    def __contains__(self, key):
+        return super().__contains__(self._field_name(key))
+
+    def get(self, key, default=None):
+        return super().get(self._field_name(key), default)
+
+
 @dataclass
-class HydraModelOutput(ModelOutput):
+class HydraModelOutput(_CacheNameAlias, ModelOutput):
     """Output of `HydraModel`.
 
     Args:
         last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
             Final-norm hidden states.
-        past_key_values (`HydraCache`, *optional*):
-            The cache to continue generation from (when `use_cache=True`).
+        cache (`HydraCache`, *optional*):
+            The cache to continue generation from (when `use_cache=True`); also readable as `past_key_values`.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
             Embeddings and the hidden states after every effective layer (when `output_hidden_states=True`).
         attentions (`tuple(torch.FloatTensor)`, *optional*):
@@ -556,7 +636,7 @@ class HydraModelOutput(ModelOutput):
     """
 
     last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: HydraCache | None = None
+    cache: HydraCache | HydraStaticCache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     routing: RoutingRecord | None = None
@@ -564,7 +644,7 @@ class HydraModelOutput(ModelOutput):
 
 
 @dataclass
-class HydraCausalLMOutputWithPast(ModelOutput):
+class HydraCausalLMOutputWithPast(_CacheNameAlias, ModelOutput):
     """Output of `HydraForCausalLM`.
 
     Args:
@@ -582,8 +662,8 @@ class HydraCausalLMOutputWithPast(ModelOutput):
         logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
             Next-token logits. `None` for a training forward with labels that used the fused linear
             cross-entropy (`config.fused_linear_cross_entropy`), which never materialises them.
-        past_key_values (`HydraCache`, *optional*):
-            The cache to continue generation from.
+        cache (`HydraCache`, *optional*):
+            The cache to continue generation from; also readable as `past_key_values`.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
             See `HydraModelOutput`.
         attentions (`tuple(torch.FloatTensor)`, *optional*):
@@ -598,7 +678,7 @@ class HydraCausalLMOutputWithPast(ModelOutput):
     loss: torch.FloatTensor | None = None
     aux_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: HydraCache | None = None
+    cache: HydraCache | HydraStaticCache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     routing: RoutingRecord | None = None
@@ -620,25 +700,110 @@ def _fp32_router_patterns(num_mod: int, num_mor: int, num_moe: int) -> list[str]
     return patterns
 
 
-def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a & b
+def cache_argument(cache, past_key_values):
+    """The cache passed as `cache` (transformers >= 5.24) or as `past_key_values` (the name before): one of them."""
+    if past_key_values is None:
+        return cache
+    if cache is not None and cache is not past_key_values:
+        raise ValueError("Pass the cache once: as `cache` (or `past_key_values`, its name before transformers 5.24)")
+    return past_key_values
 
 
-def _mul(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a * b
+@dataclass(frozen=True)
+class TokenStream:
+    """The facts about this forward's (B, T) input tokens that every layer shares: their input steps (past + t),
+    which are real (padding mask), their RoPE positions and packed-sequence ids. Built once per forward."""
 
+    steps: torch.Tensor  # (B, T) past + t
+    position_ids: torch.Tensor  # (B, T)
+    token_valid: torch.Tensor | None  # (B, T) bool real tokens; None = all
+    sequence_ids: torch.Tensor | None  # (B, T) packed-sequence ids; None = one sequence per row
+    past_length: int | torch.Tensor  # a 0-dim tensor on the static cache (a compiled decode step reads no Python int)
+    fixed_shape_decode: bool  # a one-token step on the static cache: every row computes its token
 
-def _add_losses(record: RoutingRecord, component: str, losses: dict) -> None:
-    for name, value in losses.items():
-        record.add_loss(f"{component}_{name}", value)
+    @property
+    def batch_size(self) -> int:
+        return self.steps.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.steps.shape[1]
+
+    @classmethod
+    def build(cls, inputs_embeds: torch.Tensor, attention_mask, position_ids, cache) -> "TokenStream":
+        B, T, _ = inputs_embeds.shape
+        static = isinstance(cache, HydraStaticCache)
+        if static:
+            past = cache.step_counter  # stays a tensor
+            if not torch.compiler.is_compiling() and int(past) + T > cache.max_cache_len:
+                raise ValueError(
+                    f"The HydraStaticCache holds max_cache_len={cache.max_cache_len} positions; {int(past)} are "
+                    f"used and {T} more were given. Build it with a larger max_cache_len (generate: max_new_tokens)."
+                )
+        else:
+            past = cache.get_seq_length() if cache is not None else 0
+        fixed_shape_decode = static and T == 1
+        token_valid = None
+        if attention_mask is not None:
+            if attention_mask.ndim != 2:
+                raise ValueError(
+                    f"attention_mask must be a 2D (batch, past + seq_len) padding mask, got {attention_mask.ndim}D. "
+                    "HYDRA builds its attention masks itself (routing decides per layer which tokens exist, and the "
+                    "causal convolutions and value shift read the previous token in sequence order), so custom 4D "
+                    "masks (e.g. tree attention) cannot be honoured; for packed sequences pass position_ids that "
+                    "restart at 0 for each sequence"
+                )
+            if attention_mask.shape[1] < T:
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[1]} positions but the input has {T} new tokens"
+                )
+            if static:  # generate pads the mask to max_cache_len (fixed shape)
+                idx = (torch.arange(T, device=attention_mask.device) + past).clamp(max=attention_mask.shape[1] - 1)
+                token_valid = attention_mask.gather(1, idx.unsqueeze(0).expand(B, -1)).bool()
+            else:
+                token_valid = attention_mask[:, -T:].bool()
+            if not fixed_shape_decode and bool(token_valid.all()):  # (a static-cache decode step never syncs)
+                token_valid = None
+        steps = (torch.arange(T, device=inputs_embeds.device) + past).unsqueeze(0).expand(B, -1)  # (B, T)
+        sequence_ids = None
+        if position_ids is None:
+            position_ids = steps
+            if attention_mask is not None:  # left padding: real tokens count from 0, the usual HF convention
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
+                position_ids = positions.gather(1, steps.clamp(max=attention_mask.shape[1] - 1))
+        else:
+            position_ids = (position_ids.unsqueeze(0) if position_ids.ndim == 1 else position_ids).expand(B, -1)
+            sequence_ids = sequence_ids_from_positions(position_ids, token_valid)
+            if sequence_ids is not None and static:
+                raise ValueError("packed sequences (position_ids restarting inside a row) need the dynamic HydraCache")
+        return cls(steps, position_ids, token_valid, sequence_ids, past, fixed_shape_decode)
+
+    def tokens_for(
+        self, selection: LayerSelection, position_embeddings: tuple[torch.Tensor, torch.Tensor], output_attentions: bool
+    ) -> HydraTokens:
+        """The tokens a layer runs on: every token in place, or the ones at `selection.index`, gathered."""
+        cos, sin = position_embeddings
+        index = selection.index
+        if index is None:
+            slot_valid = selection.slot_valid if selection.slot_valid is not None else self.token_valid
+            return HydraTokens(
+                position_embeddings=position_embeddings, steps=self.steps, slot_valid=slot_valid,
+                sequence_ids=self.sequence_ids, key_visible=selection.key_visible, past_length=self.past_length,
+                input_length=self.length, every_step=True, output_attentions=output_attentions,
+            )
+        r_index = index.unsqueeze(-1).expand(-1, -1, cos.shape[-1])  # (B, K, r)
+        return HydraTokens(
+            position_embeddings=(torch.gather(cos, 1, r_index), torch.gather(sin, 1, r_index)),
+            steps=torch.gather(self.steps, 1, index),
+            slot_valid=selection.slot_valid,
+            sequence_ids=None if self.sequence_ids is None else torch.gather(self.sequence_ids, 1, index),
+            key_visible=selection.key_visible,
+            past_length=self.past_length,
+            input_length=self.length,
+            every_step=False,
+            cache_every_step=selection.cache_every_step,
+            output_attentions=output_attentions,
+        )
 
 
 class HydraPreTrainedModel(PreTrainedModel):
@@ -651,7 +816,7 @@ class HydraPreTrainedModel(PreTrainedModel):
     # threshold decisions are precision-sensitive: bitsandbytes 4/8-bit loading never quantizes them (these patterns
     # are transformers' modules-not-to-convert), and a float16 load keeps them in float32.
     # (`HydraModel.__init__` lists the ones this config has; see `_fp32_router_patterns`.)
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
@@ -712,7 +877,8 @@ class HydraPreTrainedModel(PreTrainedModel):
 class HydraModel(HydraPreTrainedModel):
     """The HYDRA decoder stack: embeddings, blocks laid out by `build_layer_plan`, final norm.
 
-    `forward` owns the loop over the effective layers: routers (leaves) decide, `_run_layer` computes.
+    `forward` owns the loop over the effective layers: a `RoutingPass` (routing_hydra.py) decides which tokens each
+    layer runs on, `_run_layer` computes it.
     """
 
     def __init__(self, config: HydraConfig):
@@ -730,8 +896,8 @@ class HydraModel(HydraPreTrainedModel):
         num_mod = sum(p.mod_router is not None for p in self.plan)
         num_mor = max([p.mor_router for p in self.plan if p.mor_router is not None], default=-1) + 1
         num_moe = sum(p.moe_block is not None for p in self.plan)
-        self.mod_routers = nn.ModuleList([MoDRouter(config) for _ in range(num_mod)])
-        self.mor_routers = nn.ModuleList([MoRRouter(config) for _ in range(num_mor)])
+        self.mod_routers = nn.ModuleList([build_router("mod", config) for _ in range(num_mod)])
+        self.mor_routers = nn.ModuleList([build_router("mor", config) for _ in range(num_mor)])
         self.moe_blocks = nn.ModuleList([HydraMoEBlock(config) for _ in range(num_moe)])
         self.norm = HydraRMSNorm(config.hidden_size, config.rms_norm_eps, config.kernel_backend)
         self.rotary_emb = HydraRotaryEmbedding(config)
@@ -747,101 +913,12 @@ class HydraModel(HydraPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    @staticmethod
-    def _default_position_ids(attention_mask: torch.Tensor | None, steps: torch.Tensor) -> torch.Tensor:
-        """Positions of the tokens at `steps` (B, T): the step itself, or with a padding mask the count of real tokens
-        before it (left padding: real tokens count from 0, the usual HF convention)."""
-        if attention_mask is None:
-            return steps
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
-        return positions.gather(1, steps.clamp(max=attention_mask.shape[1] - 1))
-
-    def _run_layer(
-        self,
-        layer: HydraDecoderLayer,
-        hidden_states: torch.Tensor,  # (B, T, E)
-        inputs: HydraLayerInputs,  # for all T tokens of this forward
-        *,
-        active: torch.Tensor | None,  # (B, T) bool tokens this layer processes; None = all
-        index: torch.Tensor | None,  # (B, k) the same tokens as indices when every row keeps k (static shape)
-        gate: torch.Tensor | None,  # (B, T) multiplier of the update; None = 1
-        recursion_embedding: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """Run `layer` on the active tokens only and add its gated update back.
-
-        Returns the new hidden states, the attention weights and the number of token slots the layer ran on
-        (B * K), which the routing statistics and the FLOP tests read.
-        """
-        B, T, _ = hidden_states.shape
-        if active is not None and T == 1 and inputs.cache_layer is not None and inputs.cache_layer.max_cache_len is not None:
-            # Decode step on the static cache: fixed shapes for torch.compile. Every row computes its token; a row
-            # whose token is skipped (routing) or padding adds nothing, stores an invalid column and keeps its
-            # rolling state.
-            gate = _mul(gate, active.to(hidden_states.dtype))
-            inputs = replace(inputs, token_valid=active)
-            active, index = None, None
-        if self.config.static_routing and active is not None:
-            # Fixed shapes: every real token is computed, unselected ones get weight 0 and are hidden as keys.
-            gate = _mul(gate, active.to(hidden_states.dtype))
-            inputs = replace(inputs, key_visible=active)
-            active, index = inputs.token_valid, None
-        processed = B * T
-        if active is not None and T == 1:
-            # One token per row (decoding): the compact sequence would be that token for the rows that process it.
-            # Skip the layer when no row does; otherwise run it in place, rows that skip it adding nothing.
-            selected_rows = int(active[:, 0].sum())
-            if selected_rows == 0:
-                return hidden_states, self._no_attention(hidden_states, inputs), 0
-            if selected_rows < B:  # every row's token is computed (B slots), as the compact path would
-                gate = _mul(gate, active.to(hidden_states.dtype))
-                inputs = replace(inputs, token_valid=active)
-            active, index = None, None
-        if active is None:
-            update, attn = layer(hidden_states, recursion_embedding, inputs=inputs)
-            if gate is not None:
-                update = update * gate.unsqueeze(-1).to(update.dtype)
-            return hidden_states + update, attn, processed
-
-        valid = None
-        if index is None:
-            index, valid = compact_selection(active)  # (B, K), (B, K)
-            if index.shape[1] == 0:
-                return hidden_states, self._no_attention(hidden_states, inputs), 0
-            if bool(valid.all()):
-                valid = None
-        backend = resolve_backend(self.config.kernel_backend, hidden_states.device)
-        x = gather_tokens(hidden_states, index, backend=backend)  # (B, K, E)
-        cos, sin = inputs.position_embeddings
-        r_index = index.unsqueeze(-1).expand(-1, -1, cos.shape[-1])  # (B, K, r)
-        compact = replace(
-            inputs,
-            cache_all_steps=active is inputs.token_valid,
-            position_embeddings=(torch.gather(cos, 1, r_index), torch.gather(sin, 1, r_index)),
-            steps=torch.gather(inputs.steps, 1, index),
-            token_valid=valid,
-            sequence_ids=None if inputs.sequence_ids is None else torch.gather(inputs.sequence_ids, 1, index),
-            key_visible=None if inputs.key_visible is None else torch.gather(inputs.key_visible, 1, index),
-        )
-        update, attn = layer(x, recursion_embedding, inputs=compact)
-        scale = None if valid is None else valid.to(update.dtype)
-        if gate is not None:
-            scale = _mul(scale, torch.gather(gate, 1, index).to(update.dtype))
-        hidden_states = scatter_gated_add(hidden_states, update, index, scale, backend=backend)
-        return hidden_states, attn, B * index.shape[1]
-
-    def _no_attention(self, hidden_states: torch.Tensor, inputs: HydraLayerInputs) -> torch.Tensor | None:
-        """The attentions of a layer that processed no token: zeros (when attentions are asked for)."""
-        if not inputs.output_attentions:
-            return None
-        B, T = hidden_states.shape[:2]
-        return hidden_states.new_zeros(B, self.config.num_attention_heads, T, inputs.past_length + T)
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: HydraCache | None = None,
+        cache: HydraCache | HydraStaticCache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
@@ -850,9 +927,13 @@ class HydraModel(HydraPreTrainedModel):
         domain_labels: torch.LongTensor | None = None,
         output_router_logits: bool | None = None,
         attach_routing_loss: bool | None = None,
+        past_key_values: HydraCache | HydraStaticCache | None = None,
         **kwargs,
     ) -> HydraModelOutput | tuple:
         r"""
+        cache (`HydraCache` or `HydraStaticCache`, *optional*):
+            The cache to read and extend (`past_key_values` is the same argument under its name before transformers
+            5.24; both work on every supported version). With `use_cache` and no cache, a new `HydraCache` is made.
         position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Positions of the tokens (RoPE). Positions that restart inside a row (not the previous real token's + 1)
             start a new packed sequence, as `DataCollatorWithFlattening` and TRL's `padding_free` make them: packed
@@ -868,224 +949,133 @@ class HydraModel(HydraPreTrainedModel):
             (e.g. TRL's fused LM head), and attaching is the only way its routers still get their losses.
             `HydraForCausalLM` passes `False`: it adds the losses to its own `loss`.
         """
-        config, state = self.config, self.routing_state
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        config = self.config
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         output_router_logits = output_router_logits if output_router_logits is not None else config.output_router_logits
         return_dict = return_dict if return_dict is not None else config.return_dict
-        use_cache = use_cache if use_cache is not None else (config.use_cache and not self.training)
-        if self.gradient_checkpointing and self.training and use_cache:
-            use_cache = False
-        if past_key_values is not None and not isinstance(past_key_values, HydraCacheMixin):
-            if past_key_values.get_seq_length() == 0:
-                past_key_values = None  # an empty cache of another type (e.g. made by a caller): replace it
-            else:
-                raise ValueError(
-                    f"past_key_values must be a HydraCache, got a {type(past_key_values).__name__} holding "
-                    f"{past_key_values.get_seq_length()} positions. HYDRA caches latent, post-convolution keys per "
-                    "routed layer, so standard key/value prefixes cannot be injected: PEFT's prefix tuning is not "
-                    "supported for HYDRA (use LoRA, IA3 or prompt tuning, which work on inputs_embeds)"
-                )
-        if input_ids is not None and input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
-
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        B, T, _ = inputs_embeds.shape
-        if use_cache and past_key_values is None:
-            past_key_values = HydraCache(config)
-        cache = past_key_values if use_cache else None
-        if isinstance(cache, HydraStaticCache):
-            # The step count stays a tensor: a compiled decode step reads no Python state that changes per step.
-            cache.place(inputs_embeds.device)
-            past_len = cache.step_counter
-            if not torch.compiler.is_compiling() and int(past_len) + T > cache.max_cache_len:
-                raise ValueError(
-                    f"The HydraStaticCache holds max_cache_len={cache.max_cache_len} positions; {int(past_len)} are "
-                    f"used and {T} more were given. Build it with a larger max_cache_len (generate: max_new_tokens)."
-                )
-            if output_attentions:
-                past_len = int(past_len)
-        else:
-            past_len = cache.get_seq_length() if cache is not None else 0
-
-        token_valid = None
-        if attention_mask is not None:
-            if attention_mask.ndim != 2:
-                raise ValueError(
-                    f"attention_mask must be a 2D (batch, past + seq_len) padding mask, got {attention_mask.ndim}D. "
-                    "HYDRA builds its attention masks itself (routing decides per layer which tokens exist, and the "
-                    "causal convolutions and value shift read the previous token in sequence order), so custom 4D "
-                    "masks (e.g. tree attention) cannot be honoured; for packed sequences pass position_ids that "
-                    "restart at 0 for each sequence"
-                )
-            if attention_mask.shape[1] < T:
-                raise ValueError(
-                    f"attention_mask covers {attention_mask.shape[1]} positions but the input has {T} new tokens"
-                )
-            if isinstance(cache, HydraStaticCache):  # generate pads the mask to max_cache_len (fixed shape)
-                idx = (torch.arange(T, device=attention_mask.device) + past_len).clamp(max=attention_mask.shape[1] - 1)
-                token_valid = attention_mask.gather(1, idx.unsqueeze(0).expand(B, -1)).bool()
-            else:
-                token_valid = attention_mask[:, -T:].bool()
-            static_decode = T == 1 and cache is not None and cache.max_cache_len is not None
-            if not static_decode and bool(token_valid.all()):  # (a static-cache decode step never syncs)
-                token_valid = None
-        sequence_ids = None
-        steps = (torch.arange(T, device=inputs_embeds.device) + past_len).unsqueeze(0).expand(B, -1)  # (B, T)
-        if position_ids is None:
-            position_ids = self._default_position_ids(attention_mask, steps)
-        else:
-            if position_ids.ndim == 1:
-                position_ids = position_ids.unsqueeze(0)
-            position_ids = position_ids.expand(B, -1)
-            sequence_ids = sequence_ids_from_positions(position_ids, token_valid)
-            if sequence_ids is not None and cache is not None and cache.max_cache_len is not None:
-                raise ValueError("packed sequences (position_ids restarting inside a row) need the dynamic HydraCache")
+            inputs_embeds = self.embed_tokens(self._checked_input_ids(input_ids))
+        cache = self._prepare_cache(cache_argument(cache, past_key_values), use_cache, inputs_embeds)
+        stream = TokenStream.build(inputs_embeds, attention_mask, position_ids, cache)
+        position_embeddings = self.rotary_emb(inputs_embeds, stream.position_ids)  # once, for every layer
+        routing = RoutingPass(
+            config, self.routing_state, self.mod_routers, self.mor_routers, self.num_recursion_groups,
+            batch_size=stream.batch_size, length=stream.length, token_valid=stream.token_valid,
+            sequence_ids=stream.sequence_ids, fixed_shape_decode=stream.fixed_shape_decode,
+        )
+        expert_inputs = routing.expert_inputs(domain_labels, inputs_embeds.device) if len(self.moe_blocks) else {}
 
         hidden_states = inputs_embeds
-        inputs = HydraLayerInputs(
-            position_embeddings=self.rotary_emb(hidden_states, position_ids),  # computed once for every layer
-            steps=steps,
-            token_valid=token_valid,
-            sequence_ids=sequence_ids,
-            past_length=past_len,
-            input_length=T,
-            output_attentions=output_attentions,
-        )
-        forced = None
-        if state.moe_forced is not None and domain_labels is not None and len(self.moe_blocks):
-            forced = forced_experts(state.moe_forced, domain_labels.to(hidden_states.device), T)
-
-        record = RoutingRecord()
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_attn = () if output_attentions else None
         router_logits = ()
-        # Exact candidates per row while no padding / packing makes rows differ: expert-choice top-k then has a
-        # static size k and the layer gathers with its indices (no data-dependent shape: the training step compiles).
-        full_count = T if token_valid is None and sequence_ids is None else None
-        R = config.mor_recursions
-        bce_weight = state.mod_aux_weight(config) if (self.mod_routers or self.mor_routers) else 0.0
-        mod_loss_weights = {"bce": bce_weight}
-        mor_loss_weights = {
-            "bce": bce_weight, "ponder": state.mor_ponder_loss_coef, "z": state.mor_z_loss_coef,
-            "balance": state.mor_balance_loss_coef,
-        }
         for plan in self.plan:
-            if plan.group < 0 or plan.group_start:
-                # A new recursion group (or an unshared layer): every token starts active again.
-                mor_active = mor_index = mor_gate = depth = None
-                mor_count = full_count
-                depth_count = torch.zeros_like(steps) if (config.mor_enabled and plan.group >= 0) else None
-
-            if plan.mor_router is not None:
-                out = self.mor_routers[plan.mor_router](
-                    hidden_states,
-                    RouterInputs(
-                        candidates=_and(mor_active, token_valid),
-                        token_valid=token_valid,
-                        sequence_ids=sequence_ids,
-                        candidate_count=mor_count,
-                        capacity=mor_layer_capacity(state.mor_capacity, plan.group, self.num_recursion_groups, plan.recursion),
-                        routing_on=state.mor_enabled,
-                        loss_weights=mor_loss_weights,
-                    ),
-                )
-                mor_gate = out.gate
-                if out.depth is not None:  # token choice: every token's depth, decided up front
-                    depth = out.depth
-                elif out.selected is not None:  # expert choice: the tokens that continue
-                    mor_active, mor_index = out.selected, out.index
-                    mor_count = None if out.index is None else out.index.shape[1]
-                _add_losses(record, "mor", out.losses)
-
-            if depth is not None:  # token choice: depth decided up front
-                layer_active, layer_index, layer_count = depth > plan.recursion, None, None
-            else:
-                layer_active, layer_index, layer_count = mor_active, mor_index, mor_count
-            layer_gate = mor_gate if plan.recursion >= 1 else None
-            if plan.recursion_start and depth_count is not None:
-                depth_count = depth_count + (1 if layer_active is None else layer_active.long())
-            candidates = _and(layer_active, token_valid)
-
-            if plan.mod_router is not None:
-                out = self.mod_routers[plan.mod_router](
-                    hidden_states,
-                    RouterInputs(
-                        candidates=candidates,
-                        token_valid=token_valid,
-                        sequence_ids=sequence_ids,
-                        candidate_count=layer_count,
-                        capacity=state.mod_capacity,
-                        routing_on=state.mod_enabled,
-                        loss_weights=mod_loss_weights,
-                    ),
-                )
-                _add_losses(record, "mod", out.losses)
-                if out.selected is not None:
-                    n_candidates = candidates.sum() if candidates is not None else torch.tensor(float(B * T))
-                    record.mod_selected_fraction[plan.index] = (
-                        out.selected.sum().float() / n_candidates.clamp_min(1)
-                    ).detach()
-                    candidates, layer_index, layer_gate = out.selected, out.index, _mul(layer_gate, out.gate)
-
-            cache_layer = cache.layers[plan.index] if cache is not None else None
-            hidden_states, attn, processed = self._run_layer(
-                self.layers[plan.block],
-                hidden_states,
-                replace(inputs, cache_layer=cache_layer) if cache_layer is not None else inputs,
-                active=candidates,
-                index=layer_index,
-                gate=layer_gate,
-                recursion_embedding=None if self.recursion_embedding is None else self.recursion_embedding[plan.recursion],
+            selection = routing.select(plan, hidden_states)
+            hidden_states, attn = self._run_layer(
+                plan, selection, hidden_states, stream, position_embeddings, cache, output_attentions
             )
-            record.tokens_processed[plan.index] = processed
+            if plan.moe_block is not None:
+                hidden_states, expert_routing, logits = self.moe_blocks[plan.moe_block](hidden_states, **expert_inputs)
+                routing.record_experts(plan.moe_block, expert_routing)
+                router_logits += (logits,)
             if output_attentions:
                 all_attn += (attn,)
-
-            if plan.group_end and depth_count is not None:
-                real = token_valid if token_valid is not None else torch.ones_like(depth_count, dtype=torch.bool)
-                depths = torch.arange(1, R + 1, device=depth_count.device)
-                record.mor_depth_histogram[plan.group] = (
-                    ((depth_count.unsqueeze(-1) == depths) & real.unsqueeze(-1)).sum(dim=(0, 1))
-                )  # (R,) tokens by final depth
-
-            if plan.moe_block is not None:
-                hidden_states, expert_routing, logits = self.moe_blocks[plan.moe_block](
-                    hidden_states, state=state, token_valid=token_valid, forced=forced
-                )
-                _add_losses(record, "moe", expert_routing.losses)
-                record.moe_tokens_per_expert[plan.moe_block] = expert_routing.tokens_per_expert
-                record.moe_entropy[plan.moe_block] = expert_routing.entropy
-                router_logits += (logits,)
             if output_hidden_states:
                 all_hidden += (hidden_states,)
 
         hidden_states = self.norm(hidden_states)
         if cache is not None:
-            cache.advance(T)
-        self.last_routing = record  # the latest forward's record, for `routing_summary()` and logging callbacks
-
-        if attach_routing_loss is None:
-            attach_routing_loss = self.training and torch.is_grad_enabled()
-        if attach_routing_loss:
-            # A caller that asks for the router logits computes the MoE load-balancing loss from them (the Mixtral
-            # contract, followed by TRL), so that one term is left to it.
-            skip = ("moe_balance",) if output_router_logits else ()
-            aux = record.total_loss(exclude=skip)
-            if aux is not None and aux.requires_grad:
-                hidden_states = attach_aux_loss(hidden_states, aux, state.attached_aux_loss_scale)
+            cache.advance(stream.length)
+        record = self.last_routing = routing.record  # the latest forward's record, for `routing_summary()`
+        hidden_states = self._attach_routing_loss(hidden_states, record, attach_routing_loss, output_router_logits)
         output = HydraModelOutput(
             last_hidden_state=hidden_states,
-            past_key_values=cache,
+            cache=cache,
             hidden_states=all_hidden,
             attentions=all_attn,
             routing=record,
             router_logits=router_logits if output_router_logits and router_logits else None,
         )
         return output if return_dict else output.to_tuple()
+
+    def _run_layer(
+        self,
+        plan: LayerPlan,
+        selection: LayerSelection,
+        hidden_states: torch.Tensor,  # (B, T, E)
+        stream: TokenStream,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],  # cos, sin (B, T, r)
+        cache: HydraCache | HydraStaticCache | None,
+        output_attentions: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the block of `plan` on the tokens `selection` names and add its gated update back: in place, or
+        gathered into (B, K, E), computed, and scatter-added (skipped tokens are left unchanged)."""
+        if selection.skip:
+            return hidden_states, self._no_attention(hidden_states, stream, output_attentions)
+        layer = self.layers[plan.block]
+        recursion_embedding = None if self.recursion_embedding is None else self.recursion_embedding[plan.recursion]
+        tokens = stream.tokens_for(selection, position_embeddings, output_attentions)
+        gate = selection.gate
+        if selection.index is None:
+            update, attn = layer(hidden_states, recursion_embedding, tokens=tokens, cache=cache, cache_index=plan.index)
+            if gate is not None:
+                update = update * gate.unsqueeze(-1).to(update.dtype)
+            return hidden_states + update, attn
+        backend = resolve_backend(self.config.kernel_backend, hidden_states.device)
+        x = gather_tokens(hidden_states, selection.index, backend=backend)  # (B, K, E)
+        update, attn = layer(x, recursion_embedding, tokens=tokens, cache=cache, cache_index=plan.index)
+        scale = None if gate is None else gate.to(update.dtype)
+        return scatter_gated_add(hidden_states, update, selection.index, scale, backend=backend), attn
+
+    def _no_attention(self, hidden_states: torch.Tensor, stream: TokenStream, output_attentions: bool):
+        """The attentions of a layer that processed no token: zeros (when attentions are asked for)."""
+        if not output_attentions:
+            return None
+        B, T = hidden_states.shape[:2]
+        return hidden_states.new_zeros(B, self.config.num_attention_heads, T, int(stream.past_length) + T)
+
+    def _checked_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        return input_ids
+
+    def _prepare_cache(self, cache, use_cache: bool | None, inputs_embeds: torch.Tensor):
+        """The cache this forward reads and extends, or None."""
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if not use_cache:
+            return None
+        if cache is not None and not isinstance(cache, HydraCacheMixin):
+            if cache.get_seq_length() > 0:
+                raise ValueError(
+                    f"cache must be a HydraCache or HydraStaticCache, got a {type(cache).__name__} holding "
+                    f"{cache.get_seq_length()} positions. HYDRA caches latent, post-convolution keys per routed layer, "
+                    "so standard key/value prefixes cannot be injected: PEFT's prefix tuning is not supported for "
+                    "HYDRA (use LoRA, IA3 or prompt tuning, which work on inputs_embeds)"
+                )
+            cache = None  # an empty cache of another type (e.g. DynamicCache(config) made by a caller): replaced
+        if cache is None:
+            return HydraCache(self.config)
+        if isinstance(cache, HydraStaticCache):
+            cache.place(inputs_embeds.device)
+        return cache
+
+    def _attach_routing_loss(self, hidden_states, record: RoutingRecord, attach: bool | None, output_router_logits):
+        """Attach the routing losses of a training forward to the gradient of the output (see `attach_aux_loss`)."""
+        if attach is None:
+            attach = self.training and torch.is_grad_enabled()
+        if not attach:
+            return hidden_states
+        # A caller that asks for the router logits computes the MoE load-balancing loss from them (the Mixtral
+        # contract, followed by TRL), so that one term is left to it.
+        aux = record.total_loss(exclude=("moe_balance",) if output_router_logits else ())
+        if aux is None or not aux.requires_grad:
+            return hidden_states
+        return attach_aux_loss(hidden_states, aux, self.routing_state.attached_aux_loss_scale)
 
 
 class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
@@ -1143,7 +1133,7 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
         A user-passed cache is used as is. An assistant (draft) model's cache records its rolling states so that
         `crop` can undo the rejected draft tokens.
         """
-        if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
+        if model_kwargs.get(GENERATE_CACHE_KWARG) is not None or generation_config.use_cache is False:
             # a user-passed cache (transformers checks it against `cache_implementation`) or no cache at all
             return super()._prepare_cache_for_generation(
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
@@ -1160,15 +1150,19 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
                 "or 'static' (HydraStaticCache, preallocated to max_length)"
             )
         if generation_config.is_assistant:
-            cache.activate_past_recording()
-        model_kwargs["past_key_values"] = cache
+            cache.activate_past_recording(generation_config.num_assistant_tokens)
+        model_kwargs[GENERATE_CACHE_KWARG] = cache
 
-    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values, **kwargs):
+    def create_masks_for_generate(
+        self, config, inputs_embeds, attention_mask, cache=None, past_key_values=None, **kwargs
+    ):
         """`generate()` turns the 2D padding mask into 4D masks for compileable caches; HYDRA builds its own masks
         from the 2D padding mask (routing decides per layer which columns exist), so it keeps the 2D mask, padded
-        to `max_cache_len` for the static cache so that its shape is the same at every decode step."""
-        if attention_mask is not None and attention_mask.ndim == 2 and isinstance(past_key_values, HydraStaticCache):
-            missing = past_key_values.max_cache_len - attention_mask.shape[1]
+        to `max_cache_len` for the static cache so that its shape is the same at every decode step. (The cache comes
+        as `cache` from transformers >= 5.24 and as `past_key_values` before.)"""
+        cache = cache_argument(cache, past_key_values)
+        if attention_mask is not None and attention_mask.ndim == 2 and isinstance(cache, HydraStaticCache):
+            missing = cache.max_cache_len - attention_mask.shape[1]
             if missing > 0:
                 attention_mask = F.pad(attention_mask, (0, missing), value=0)
         return attention_mask
@@ -1239,7 +1233,7 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: HydraCache | None = None,
+        cache: HydraCache | HydraStaticCache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -1249,9 +1243,13 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         domain_labels: torch.LongTensor | None = None,
         output_router_logits: bool | None = None,
+        past_key_values: HydraCache | HydraStaticCache | None = None,
         **kwargs,
     ) -> HydraCausalLMOutputWithPast | tuple:
         r"""
+        cache (`HydraCache` or `HydraStaticCache`, *optional*):
+            The cache to read and extend; `past_key_values` is the same argument under its name before transformers
+            5.24 (both work on every supported version).
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Targets for next-token prediction (shifted inside, -100 = ignored). When given, `loss` is the
             cross-entropy plus every enabled routing component's weighted auxiliary loss. Without labels, a
@@ -1278,7 +1276,7 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -1311,7 +1309,7 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             routing=record,

@@ -81,9 +81,8 @@ def build_layer_plan(config) -> list[LayerPlan]:
     if config.mor_enabled and R > 1:
         n = 0
         for p in plans:
-            if config.mor_routing == "expert_choice" and p.recursion_start and p.recursion >= 1:
-                p.mor_router, n = n, n + 1
-            elif config.mor_routing == "token_choice" and p.group_start:
+            decides_depth = config.mor_routing in DEPTH_ROUTING_MODES
+            if (p.group_start if decides_depth else (p.recursion_start and p.recursion >= 1)):
                 p.mor_router, n = n, n + 1
     if config.moe_enabled and config.moe_num_layers > 0:
         M = config.moe_num_layers
@@ -555,11 +554,54 @@ class MoDRouter(ExpertChoiceRouter):
         super().__init__(config.hidden_size, config.router_threshold_momentum, config.mod_use_predictor)
 
 
+class MoRExpertChoiceRouter(ExpertChoiceRouter):
+    """MoR expert-choice router of one recursion step: which still-active tokens continue."""
+
+    def __init__(self, config):
+        super().__init__(config.hidden_size, config.router_threshold_momentum)
+
+
+class MoRTokenChoiceRouter(TokenChoiceRouter):
+    """MoR token-choice router of one recursion group: each token's depth, decided up front."""
+
+    def __init__(self, config):
+        super().__init__(config.hidden_size, config.mor_recursions)
+
+
+# Routing modes: component -> {config value -> router class built from the config}. The config field naming the mode
+# is `<component>_routing` (`mod_routing`, `mor_routing`) and is validated against this table. A new mode is a router
+# class here (returning a `RouterOutput`) and an entry in this table: the layer loop and `RoutingPass` only read
+# `RouterOutput`s. (`register_routing_mode` adds one from outside, e.g. in a test.)
+ROUTING_MODES: dict[str, dict[str, type]] = {
+    "mod": {"expert_choice": MoDRouter},
+    "mor": {"expert_choice": MoRExpertChoiceRouter, "token_choice": MoRTokenChoiceRouter},
+}
+# Modes whose router decides each token's depth once per recursion group ("depth" in its output) instead of
+# selecting tokens at every recursion step.
+DEPTH_ROUTING_MODES = {"token_choice"}
+
+
+def register_routing_mode(component: str, name: str, router_class: type, decides_depth: bool = False) -> None:
+    """Add routing mode `name` for `component` ("mod" or "mor"): `<component>_routing=name` then builds `router_class`."""
+    if component not in ROUTING_MODES:
+        raise ValueError(f"component must be one of {sorted(ROUTING_MODES)}, got {component!r}")
+    ROUTING_MODES[component][name] = router_class
+    if decides_depth:
+        DEPTH_ROUTING_MODES.add(name)
+
+
+def build_router(component: str, config) -> nn.Module:
+    """The router of one decision point of `component` for the mode the config names."""
+    mode = getattr(config, f"{component}_routing")
+    modes = ROUTING_MODES[component]
+    if mode not in modes:
+        raise ValueError(f"{component}_routing must be one of {tuple(modes)}, got {mode!r}")
+    return modes[mode](config)
+
+
 def MoRRouter(config) -> nn.Module:
-    """The MoR router of one decision point for `config.mor_routing`: expert choice or token choice."""
-    if config.mor_routing == "token_choice":
-        return TokenChoiceRouter(config.hidden_size, config.mor_recursions)
-    return ExpertChoiceRouter(config.hidden_size, config.router_threshold_momentum)
+    """The MoR router of one decision point for `config.mor_routing`."""
+    return build_router("mor", config)
 
 
 # ---------------------------------------------------------------------------- MoE
@@ -628,3 +670,224 @@ def route_experts(
             losses["z"] = z_weight * (z.mean() if m is None else (z * m.squeeze(-1)).sum() / m.sum().clamp_min(1))
     entropy = -(frac * frac.clamp_min(1e-12).log()).sum()
     return ExpertRouting(expert_index, weights, losses, counts.detach(), entropy.detach())
+
+
+# ---------------------------------------------------------------------------- one forward's routing
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """What one effective layer runs on, as `RoutingPass.select` decided it (immutable; the layer only reads it).
+
+    - `index`: (B, K) the tokens that run, gathered in sequence order; None = every token of the forward, in place.
+    - `slot_valid`: (B, K) (or (B, T) in place) slots whose token is really processed: its update is added and its
+      key stored valid; None = all. Invalid slots are padding of the gather, or rows that skip in a decode step.
+    - `gate`: (B, K) (or (B, T)) multiplier of each slot's update, zero on invalid slots; None = 1.
+    - `key_visible`: (B, K) tokens whose keys the others may attend to (static routing computes unselected tokens
+      but hides them); None = every valid slot.
+    - `cache_every_step`: the cache stores one column per input step of this forward (the tokens left out are
+      invalid columns), as a Llama layer does; False = it stores the processed tokens only (routed layers).
+    - `skip`: no token runs: the layer is not called at all.
+    """
+
+    index: torch.Tensor | None = None
+    slot_valid: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
+    key_visible: torch.Tensor | None = None
+    cache_every_step: bool = True
+    skip: bool = False
+
+    def slots(self, batch: int, length: int) -> int:
+        """Token slots the layer computes (statistics and the FLOP tests)."""
+        if self.skip:
+            return 0
+        return batch * (length if self.index is None else self.index.shape[1])
+
+
+def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a & b
+
+
+def _mul(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a * b
+
+
+class RoutingPass:
+    """The routing of one forward: calls the routers layer by layer, keeps the MoR/MoD state between layers, turns
+    each decision into a `LayerSelection`, and assembles the `RoutingRecord` (losses and statistics).
+
+    Made once per forward by `HydraModel.forward`; the model asks `select(plan, hidden_states)` before each effective
+    layer and hands MoE routings to `record_experts`. Nothing here computes a block.
+    """
+
+    def __init__(
+        self,
+        config,
+        state: RoutingState,
+        mod_routers: nn.ModuleList,
+        mor_routers: nn.ModuleList,
+        num_recursion_groups: int,
+        *,
+        batch_size: int,
+        length: int,
+        token_valid: torch.Tensor | None,  # (B, T) real tokens; None = all
+        sequence_ids: torch.Tensor | None,  # (B, T) packed-sequence ids; None = one sequence per row
+        fixed_shape_decode: bool = False,  # a decode step on the static cache: every row computes its token
+    ):
+        self.config, self.state = config, state
+        self.mod_routers, self.mor_routers = mod_routers, mor_routers
+        self.num_recursion_groups = num_recursion_groups
+        self.B, self.T = batch_size, length
+        self.token_valid, self.sequence_ids = token_valid, sequence_ids
+        self.fixed_shape_decode = fixed_shape_decode
+        self.record = RoutingRecord()
+        bce = state.mod_aux_weight(config) if (len(mod_routers) or len(mor_routers)) else 0.0
+        self.mod_loss_weights = {"bce": bce}
+        self.mor_loss_weights = {
+            "bce": bce, "ponder": state.mor_ponder_loss_coef, "z": state.mor_z_loss_coef,
+            "balance": state.mor_balance_loss_coef,
+        }
+        # Exact candidates per row while no padding / packing makes rows differ: expert-choice top-k then has a
+        # static size k and the layer gathers with its indices (no data-dependent shape: the training step compiles).
+        self.full_count = length if token_valid is None and sequence_ids is None else None
+        self._start_group(track_depth=False)
+
+    # ------------------------------------------------------------------ MoR state of the current recursion group
+    def _start_group(self, track_depth: bool) -> None:
+        self.mor_active = self.mor_index = self.mor_gate = self.depth = None  # (B, T) / (B, k) / (B, T) / (B, T)
+        self.mor_count = self.full_count
+        device = self.token_valid.device if self.token_valid is not None else None
+        self.depth_count = torch.zeros(self.B, self.T, dtype=torch.long, device=device) if track_depth else None
+
+    def _router_inputs(self, candidates, count, capacity, on, weights) -> RouterInputs:
+        return RouterInputs(
+            candidates=candidates, token_valid=self.token_valid, sequence_ids=self.sequence_ids,
+            candidate_count=count, capacity=capacity, routing_on=on, loss_weights=weights,
+        )
+
+    def _add_losses(self, component: str, losses: dict) -> None:
+        for name, value in losses.items():
+            self.record.add_loss(f"{component}_{name}", value)
+
+    def select(self, plan: LayerPlan, hidden_states: torch.Tensor) -> LayerSelection:
+        """Route `hidden_states` (B, T, E) at effective layer `plan`: which tokens run, with which gate."""
+        if plan.group < 0 or plan.group_start:  # a new recursion group (or an unshared layer): all tokens active again
+            self._start_group(track_depth=self.config.mor_enabled and plan.group >= 0)
+            if self.depth_count is not None:
+                self.depth_count = self.depth_count.to(hidden_states.device)
+        if plan.mor_router is not None:
+            capacity = mor_layer_capacity(self.state.mor_capacity, plan.group, self.num_recursion_groups, plan.recursion)
+            out = self.mor_routers[plan.mor_router](
+                hidden_states,
+                self._router_inputs(
+                    _and(self.mor_active, self.token_valid), self.mor_count, capacity, self.state.mor_enabled,
+                    self.mor_loss_weights,
+                ),
+            )
+            self.mor_gate = out.gate
+            if out.depth is not None:  # the router chose every token's depth up front
+                self.depth = out.depth
+            elif out.selected is not None:  # the tokens that continue
+                self.mor_active, self.mor_index = out.selected, out.index
+                self.mor_count = None if out.index is None else out.index.shape[1]
+            self._add_losses("mor", out.losses)
+
+        if self.depth is not None:
+            active, index, count = self.depth > plan.recursion, None, None
+        else:
+            active, index, count = self.mor_active, self.mor_index, self.mor_count
+        gate = self.mor_gate if plan.recursion >= 1 else None
+        if plan.recursion_start and self.depth_count is not None:
+            self.depth_count = self.depth_count + (1 if active is None else active.long())
+        candidates = _and(active, self.token_valid)
+        routed = active is not None
+
+        if plan.mod_router is not None:
+            out = self.mod_routers[plan.mod_router](
+                hidden_states,
+                self._router_inputs(candidates, count, self.state.mod_capacity, self.state.mod_enabled, self.mod_loss_weights),
+            )
+            self._add_losses("mod", out.losses)
+            if out.selected is not None:
+                n = candidates.sum() if candidates is not None else torch.tensor(float(self.B * self.T))
+                self.record.mod_selected_fraction[plan.index] = (out.selected.sum().float() / n.clamp_min(1)).detach()
+                candidates, index, gate, routed = out.selected, out.index, _mul(gate, out.gate), True
+
+        selection = self._selection(candidates, index, gate, routed)
+        self.record.tokens_processed[plan.index] = selection.slots(self.B, self.T)
+        if plan.group_end and self.depth_count is not None:
+            real = self.token_valid if self.token_valid is not None else torch.ones_like(self.depth_count, dtype=torch.bool)
+            depths = torch.arange(1, self.config.mor_recursions + 1, device=self.depth_count.device)
+            self.record.mor_depth_histogram[plan.group] = (
+                (self.depth_count.unsqueeze(-1) == depths) & real.unsqueeze(-1)
+            ).sum(dim=(0, 1))  # (R,) tokens by final depth
+        return selection
+
+    def _selection(
+        self,
+        active: torch.Tensor | None,  # (B, T) tokens to process (routing and padding); None = all
+        index: torch.Tensor | None,  # (B, k) the same as indices when every row keeps k (static shape)
+        gate: torch.Tensor | None,  # (B, T)
+        routed: bool,  # a router (not only padding) left tokens out
+    ) -> LayerSelection:
+        """Turn a decision into how the layer runs: in place, gathered, or not at all."""
+        if active is None:
+            return LayerSelection(gate=gate)
+        if self.fixed_shape_decode:
+            # Decode step on the static cache: fixed shapes for torch.compile. Every row computes its token; a row
+            # whose token is skipped (routing) or padding adds nothing, stores an invalid column, keeps its state.
+            return LayerSelection(slot_valid=active, gate=_mul(gate, active.to(_dtype(gate))), cache_every_step=True)
+        if self.config.static_routing and routed:
+            # Fixed shapes: every real token is computed, unselected ones get weight 0 and are hidden as keys.
+            return self._gathered(self.token_valid, None, _mul(gate, active.float()), key_visible=active, routed=False)
+        if self.T == 1:
+            # One token per row (decoding): skip the layer when no row processes it, else run it in place.
+            rows = int(active[:, 0].sum())
+            if rows == 0:
+                return LayerSelection(skip=True)
+            if rows == self.B:
+                return LayerSelection(gate=gate)
+            return LayerSelection(slot_valid=active, gate=_mul(gate, active.float()), cache_every_step=not routed)
+        return self._gathered(active, index, gate, key_visible=None, routed=routed)
+
+    def _gathered(self, active, index, gate, key_visible, routed: bool) -> LayerSelection:
+        if active is None:  # static routing without padding: every token, in place
+            return LayerSelection(gate=gate, key_visible=key_visible)
+        valid = None
+        if index is None:
+            index, valid = compact_selection(active)  # (B, K), (B, K)
+            if index.shape[1] == 0:
+                return LayerSelection(skip=True)
+            if bool(valid.all()):
+                valid = None
+        slot_gate = None if gate is None else torch.gather(gate, 1, index)
+        if valid is not None:
+            slot_gate = _mul(slot_gate, valid.float())
+        return LayerSelection(
+            index=index,
+            slot_valid=valid,
+            gate=slot_gate,
+            key_visible=None if key_visible is None else torch.gather(key_visible, 1, index),
+            cache_every_step=not routed,
+        )
+
+    # ------------------------------------------------------------------ MoE blocks and the result
+    def expert_inputs(self, domain_labels: torch.Tensor | None, device) -> dict:
+        """Keyword arguments of a MoE block's call: the run-time state, real tokens, forced experts."""
+        forced = None
+        if self.state.moe_forced is not None and domain_labels is not None:
+            forced = forced_experts(self.state.moe_forced, domain_labels.to(device), self.T)
+        return {"state": self.state, "token_valid": self.token_valid, "forced": forced}
+
+    def record_experts(self, block: int, routing: ExpertRouting) -> None:
+        self._add_losses("moe", routing.losses)
+        self.record.moe_tokens_per_expert[block] = routing.tokens_per_expert
+        self.record.moe_entropy[block] = routing.entropy
+
+
+def _dtype(gate: torch.Tensor | None) -> torch.dtype:
+    return gate.dtype if gate is not None else torch.float32
