@@ -69,7 +69,11 @@ import hydra_hf  # noqa: F401  (registers the Auto classes)
 from hydra_hf import HydraConfig, HydraForCausalLM
 
 MODELS = ("llama", "zaya", "hydra", "hydra_mod_mor")
-LABELS = {"llama": "Llama", "zaya": "Zaya (CCA)", "hydra": "HYDRA off", "hydra_mod_mor": "HYDRA MoD+MoR"}
+BASELINE_MODELS = ("hydra_base", "hydra_mod_mor_base")  # the same two HYDRA models from --baseline_src
+LABELS = {
+    "llama": "Llama", "zaya": "Zaya (CCA)", "hydra": "HYDRA off", "hydra_mod_mor": "HYDRA MoD+MoR",
+    "hydra_base": "HYDRA off (baseline)", "hydra_mod_mor_base": "HYDRA MoD+MoR (baseline)",
+}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WARMUP_STEPS = 2
 
@@ -99,21 +103,43 @@ def build_model(name: str, args) -> tuple[torch.nn.Module, dict]:
             pad_token_id=0, bos_token_id=1, eos_token_id=2, attn_implementation="sdpa",
         )
         model = ZayaForCausalLM(cfg)
-    elif name in ("hydra", "hydra_mod_mor"):
-        routed = name == "hydra_mod_mor"
+    elif name in ("hydra", "hydra_mod_mor") + BASELINE_MODELS:
+        routed = name.startswith("hydra_mod_mor")
+        config_class, model_class = (HydraConfig, HydraForCausalLM)
+        if name in BASELINE_MODELS:
+            config_class, model_class = load_baseline(args.baseline_src)
         if routed and L % 2:
             raise ValueError(f"hydra_mod_mor needs an even --layers (blocks x 2 recursions), got {L}")
-        cfg = HydraConfig(
+        cfg = config_class(
             vocab_size=V, hidden_size=E, intermediate_size=I, num_attention_heads=H, num_key_value_heads=Hk,
             compression_factor=args.compression, max_position_embeddings=max_pos, tie_word_embeddings=True,
             num_unique_blocks=L // 2 if routed else L, mor_recursions=2 if routed else 1,
             mod_enabled=routed, mor_enabled=routed, attn_implementation="sdpa",
         )
-        model, head_dim = HydraForCausalLM(cfg), cfg.latent_head_dim
+        model, head_dim = model_class(cfg), cfg.latent_head_dim
     else:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     model = model.to(DTYPES[args.dtype]).eval()
     return model, {"kv_heads": Hk, "head_dim": head_dim, "layers": L}
+
+
+def load_baseline(src: str | None):
+    """HydraConfig and HydraForCausalLM of another checkout of this repository (e.g. `git worktree add /tmp/old
+    <commit>`), imported as the package `hydra_baseline` next to the installed `hydra_hf`, for old-vs-new rows in one
+    run. Its `__init__` is not run (it would register the model type "hydra" a second time)."""
+    import importlib
+    import sys
+    import types
+
+    if src is None:
+        raise ValueError("the *_base models need --baseline_src (a checkout of this repository to compare with)")
+    if "hydra_baseline" not in sys.modules:
+        package = types.ModuleType("hydra_baseline")
+        package.__path__ = [os.path.join(os.path.abspath(src), "hydra_hf")]
+        sys.modules["hydra_baseline"] = package
+    config = importlib.import_module("hydra_baseline.configuration_hydra").HydraConfig
+    model = importlib.import_module("hydra_baseline.modeling_hydra").HydraForCausalLM
+    return config, model
 
 
 def cache_kwarg(model) -> str:
@@ -164,6 +190,8 @@ def cache_snapshot(cache) -> dict:
     for i, layer in enumerate(layers):
         for path, t in _tensors(layer, f"layers[{i}]"):
             nbytes = t.numel() * t.element_size()
+            if "_buffer" in path:  # the storage behind HYDRA's keys / values (spare columns): not per-token data
+                continue
             if path.endswith((".keys", ".values")):
                 kv += nbytes
             else:
@@ -440,7 +468,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="1x128,1x2048,8x2048", help="batch x prompt list, e.g. 1x128,8x2048")
     parser.add_argument("--steps", type=int, default=64, help="timed decode steps per model and case")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"subset of {','.join(MODELS)}")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"subset of {','.join(MODELS + BASELINE_MODELS)}")
+    parser.add_argument(
+        "--baseline_src", default=None,
+        help="a checkout of this repository: adds its HYDRA models (hydra_base, hydra_mod_mor_base) to the run",
+    )
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8, help="effective layers")
     parser.add_argument("--heads", type=int, default=8)

@@ -1044,11 +1044,6 @@ class HydraModel(HydraPreTrainedModel):
 
     def _prepare_cache(self, cache, use_cache: bool | None, inputs_embeds: torch.Tensor):
         """The cache this forward reads and extends, or None."""
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if self.gradient_checkpointing and self.training:
-            use_cache = False
-        if not use_cache:
-            return None
         if cache is not None and not isinstance(cache, HydraCacheMixin):
             if cache.get_seq_length() > 0:
                 raise ValueError(
@@ -1058,6 +1053,9 @@ class HydraModel(HydraPreTrainedModel):
                     "HYDRA (use LoRA, IA3 or prompt tuning, which work on inputs_embeds)"
                 )
             cache = None  # an empty cache of another type (e.g. DynamicCache(config) made by a caller): replaced
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if not use_cache or (self.gradient_checkpointing and self.training):
+            return None
         if cache is None:
             return HydraCache(self.config)
         if isinstance(cache, HydraStaticCache):
