@@ -959,6 +959,7 @@ class HydraModel(HydraPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(self._checked_input_ids(input_ids))
         cache = self._prepare_cache(cache_argument(cache, past_key_values), use_cache, inputs_embeds)
+        self._check_shapes(inputs_embeds, attention_mask, position_ids, cache)
         stream = TokenStream.build(inputs_embeds, attention_mask, position_ids, cache)
         position_embeddings = self.rotary_emb(inputs_embeds, stream.position_ids)  # once, for every layer
         routing = RoutingPass(
@@ -1038,9 +1039,46 @@ class HydraModel(HydraPreTrainedModel):
         return hidden_states.new_zeros(B, self.config.num_attention_heads, T, int(stream.past_length) + T)
 
     def _checked_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """`input_ids` as the embedding needs them, or an error naming the field and what is allowed (instead of an
+        index error inside the embedding, or a device-side assert on CUDA)."""
+        if not torch.is_tensor(input_ids) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            kind = input_ids.dtype if torch.is_tensor(input_ids) else type(input_ids).__name__
+            raise TypeError(f"input_ids must be an integer tensor (torch.long) of token ids, got {kind}")
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        if input_ids.numel() and not torch.compiler.is_compiling():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(
+                    f"input_ids holds token id {bad}; ids must be in [0, vocab_size - 1] = [0, {self.config.vocab_size - 1}]"
+                    " (a tokenizer larger than the model? resize with model.resize_token_embeddings)"
+                )
         return input_ids
+
+    def _check_shapes(self, inputs_embeds: torch.Tensor, attention_mask, position_ids, cache) -> None:
+        """Inputs whose shapes cannot work get one error naming the field (not a reshape error deep inside)."""
+        B, T = inputs_embeds.shape[:2]
+        if B == 0 or T == 0:
+            raise ValueError(
+                f"the input is empty (batch {B}, seq_len {T}): HYDRA needs at least one token in each of at least one row"
+            )
+        if attention_mask is not None and attention_mask.shape[0] != B:
+            raise ValueError(
+                f"attention_mask has batch size {attention_mask.shape[0]} but the input has {B}: they must be equal"
+            )
+        if position_ids is not None and position_ids.ndim == 2 and position_ids.shape[0] not in (1, B):
+            raise ValueError(f"position_ids has batch size {position_ids.shape[0]}; it must be 1 or the input's {B}")
+        past = cache.get_seq_length() if cache is not None and not isinstance(cache, HydraStaticCache) else 0
+        limit = self.config.max_position_embeddings
+        rope_type = (getattr(self.config, "rope_parameters", None) or {}).get("rope_type", "default")
+        if past + T > limit and rope_type in ("default", "linear") and not torch.compiler.is_compiling():
+            logger.warning_once(
+                f"HYDRA got {past + T} positions but max_position_embeddings={limit}: positions past {limit} are "
+                "outside what the model was configured (and trained) for, so its outputs there are unreliable. Raise "
+                "max_position_embeddings with a RoPE scaling (rope_parameters rope_type 'dynamic' or 'yarn') to use "
+                "longer contexts."
+            )
 
     def _prepare_cache(self, cache, use_cache: bool | None, inputs_embeds: torch.Tensor):
         """The cache this forward reads and extends, or None."""

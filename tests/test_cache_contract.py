@@ -117,14 +117,16 @@ class _Records(logging.Handler):
 def _no_deprecation_noise(fn):
     """Run fn; fail on any deprecation warning (Python warnings or transformers' log) it prints."""
     handler = _Records()
-    root = hf_logging.get_logger()
-    root.addHandler(handler)
+    loggers = (hf_logging.get_logger(), logging.getLogger("hydra_hf"))  # transformers' root logger and ours
+    for logger in loggers:
+        logger.addHandler(handler)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = fn()
     finally:
-        root.removeHandler(handler)
+        for logger in loggers:
+            logger.removeHandler(handler)
     noise = [m for m in handler.messages if "deprecat" in m.lower()]
     noise += [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
               and "cache" in str(w.message).lower()]
