@@ -42,7 +42,8 @@ test: $(VENV)/.installed
 	$(PY) -m pytest tests -q
 
 FLOOR_TESTS = tests/test_modeling.py tests/test_cache_contract.py tests/test_forward_contract.py tests/test_routing.py \
-	tests/test_config.py tests/test_training.py tests/test_finetuning.py tests/test_remote_code.py tests/test_cca_reference.py
+	tests/test_config.py tests/test_training.py tests/test_finetuning.py tests/test_remote_code.py tests/test_cca_reference.py \
+	tests/test_bad_inputs_model.py
 test-floor: $(FLOOR_VENV)/.installed
 	$(FLOOR_VENV)/bin/python -m pytest $(FLOOR_TESTS) -q
 

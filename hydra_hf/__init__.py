@@ -12,7 +12,7 @@ registration; the tables only name the classes, they never import them.)
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.models.auto import modeling_auto
 
-from .cache_hydra import HydraCache, HydraCacheLayer, HydraStaticCache
+from .cache_hydra import HydraCache, HydraCacheLayer, HydraDynamicLayer, HydraStaticCache, HydraStaticLayer
 from .configuration_hydra import PRESET_NAMES, HydraConfig
 from .modeling_hydra import (
     HydraCausalLMOutputWithPast,
@@ -21,7 +21,7 @@ from .modeling_hydra import (
     HydraModelOutput,
     HydraPreTrainedModel,
 )
-from .routing_hydra import RoutingRecord, RoutingState
+from .routing_hydra import ROUTING_MODES, RoutingRecord, RoutingState, register_routing_mode
 
 __version__ = "0.1.0"
 
@@ -42,9 +42,13 @@ __all__ = [
     "HydraPreTrainedModel",
     "HydraCache",
     "HydraCacheLayer",
+    "HydraDynamicLayer",
     "HydraStaticCache",
+    "HydraStaticLayer",
     "HydraCausalLMOutputWithPast",
     "HydraModelOutput",
     "RoutingRecord",
     "RoutingState",
+    "ROUTING_MODES",
+    "register_routing_mode",
 ]

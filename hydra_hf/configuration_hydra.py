@@ -202,7 +202,7 @@ class HydraConfig(PreTrainedConfig):
     ```"""
 
     model_type = "hydra"
-    keys_to_ignore_at_inference = ["past_key_values", "routing"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values", "routing"]
     attribute_map = {"num_experts": "num_local_experts"}
 
     vocab_size: int = 50257

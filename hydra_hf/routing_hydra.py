@@ -12,11 +12,14 @@ This file decides; `modeling_hydra.py` computes. It imports nothing from the mod
   with a balancing loss.
 - `route_experts`: Mixtral's top-k expert choice for the MoE blocks (softmax, top-k, renormalised),
   with the dense warm-up and forced-expert modes and the balance / z losses.
-- Routers return a small `RouterOutput` (selected tokens, gate, logits, losses); `HydraModel.forward`
-  owns the layer loop and assembles the `RoutingRecord` from these outputs.
+- Routers return a small `RouterOutput` (selected tokens, gate, logits, losses). `RoutingPass`, made once
+  per forward by `HydraModel.forward`, calls them layer by layer, keeps the MoR/MoD state between layers,
+  hands each layer an immutable `LayerSelection` (which tokens run, their gate, which keys they show, how
+  the cache stores them) and assembles the `RoutingRecord`.
 - `RoutingState` holds the run-time switches (curricula flip them without rebuilding the model).
 
-Adding a routing mode means a config field and a router here; the layer loop only reads `RouterOutput`.
+Adding a routing mode means a router class here and an entry in `ROUTING_MODES` (the config validates
+`mod_routing` / `mor_routing` against it); nothing in the modeling file changes.
 """
 
 from __future__ import annotations
@@ -178,7 +181,7 @@ class RoutingState:
 class RoutingRecord:
     """Losses and statistics of one forward pass (tensors; `summary()` gives Python numbers).
 
-    Written only by `HydraModel.forward`'s layer loop, from the routers' `RouterOutput`s and the MoE blocks'
+    Written only by `RoutingPass`, from the routers' `RouterOutput`s and the MoE blocks'
     `ExpertRouting`s; routers never see it.
 
     - `losses`: name -> weighted loss tensor (summed into `aux_loss`), e.g. "mod_bce", "mor_ponder",
