@@ -12,7 +12,9 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
-from .ops_hydra import KERNEL_BACKENDS  # the one list of backends (the dispatcher validates against it too)
+# The one list of kernel backends. The dispatcher (``ops_hydra``) imports it from here: the config never imports
+# the ops (nothing in this module depends on which kernels exist).
+KERNEL_BACKENDS = ("auto", "triton", "liger", "torch")
 
 MOR_SHARING_MODES = ("sequence", "middle_cycle")
 MOR_ROUTING_MODES = ("expert_choice", "token_choice")
@@ -456,4 +458,4 @@ def _derive(field: str, values: dict):
         return None
 
 
-__all__ = ["HydraConfig", "PRESET_NAMES"]
+__all__ = ["HydraConfig", "PRESET_NAMES", "KERNEL_BACKENDS"]
