@@ -94,7 +94,10 @@ class HydraConfig(PreTrainedConfig):
         qk_channel_conv_kernel_size (`int`, *optional*, defaults to 1):
             Kernel (over time, causal) of the per-head grouped channel convolution; 1 = pointwise.
         use_value_shift (`bool`, *optional*, defaults to `True`):
-            Half of the KV heads (the last `Hk // 2`) take their values from the previous token.
+            Half of the KV heads (the last `Hk // 2`) take their values from the previous token. Needs
+            `num_key_value_heads >= 2`: with one KV head there is no half to shift, and the config raises (naming
+            both fields) instead of silently shifting nothing. For such a model set `use_value_shift=False`, which
+            computes exactly what a 1-KV-head model with `use_value_shift=True` computed before this was an error.
         use_qk_mean (`bool`, *optional*, defaults to `True`):
             Add the pre-convolution q-k mean back after the convolutions.
         partial_rotary_factor (`float`, *optional*, defaults to 0.5):
@@ -376,6 +379,13 @@ class HydraConfig(PreTrainedConfig):
         for field in ("qk_conv_kernel_size", "qk_channel_conv_kernel_size"):
             if getattr(self, field) > 8:
                 raise ValueError(f"{field} must be in [1, 8], got {getattr(self, field)}")
+        if self.use_value_shift and self.num_key_value_heads < 2:
+            raise ValueError(
+                f"use_value_shift=True needs num_key_value_heads >= 2 (half of the KV heads take the previous token's "
+                f"values), got num_key_value_heads={self.num_key_value_heads}: with one KV head nothing would be "
+                "shifted. Use num_key_value_heads >= 2, or use_value_shift=False (what such a model computed before "
+                "this was an error)"
+            )
         if not 0.0 < self.partial_rotary_factor <= 1.0:
             raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
         if self.mor_sharing not in MOR_SHARING_MODES:

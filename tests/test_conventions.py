@@ -1,8 +1,9 @@
-"""transformers conventions: the import layout of the config, the dispatcher and the kernel modules, and Liger's
-public functional API."""
+"""transformers conventions: the value-shift / KV-head rule, the import layout of the config, the dispatcher and the
+kernel modules, and Liger's public functional API."""
 
 import ast
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -11,11 +12,46 @@ from pathlib import Path
 import pytest
 import torch
 
-from hydra_hf import ops_hydra
+from hydra_hf import HydraConfig, HydraForCausalLM, PRESET_NAMES, ops_hydra
 
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "hydra_hf"
+
+
+def small_config(**overrides) -> HydraConfig:
+    kwargs = dict(vocab_size=61, hidden_size=64, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2,
+                  compression_factor=2, num_unique_blocks=1, mor_recursions=2, max_position_embeddings=32,
+                  kernel_backend="torch")
+    kwargs.update(overrides)
+    return HydraConfig(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- value shift
+def test_value_shift_needs_two_kv_heads():
+    with pytest.raises(ValueError, match=r"use_value_shift=True needs num_key_value_heads >= 2.*use_value_shift=False"):
+        HydraConfig(num_attention_heads=4, num_key_value_heads=1)
+    config = HydraConfig(num_attention_heads=4, num_key_value_heads=1, use_value_shift=False)
+    assert config.num_value_shift_heads == 0
+    assert HydraConfig(num_attention_heads=4, num_key_value_heads=2).num_value_shift_heads == 1
+    config.use_value_shift = True  # changed after construction: validate() and the model name both fields
+    with pytest.raises(ValueError, match=r"use_value_shift.*num_key_value_heads"):
+        HydraForCausalLM(config)
+    for name in PRESET_NAMES:  # every preset validates
+        HydraConfig.from_preset(name).validate()
+
+
+def test_a_one_kv_head_model_with_value_shift_off_computes_what_it_did_before(tmp_path):
+    """Before the rule, use_value_shift=True with one KV head shifted nothing: num_value_shift_heads was 0, exactly
+    what use_value_shift=False gives. A saved config of that kind now fails to load, naming the fields."""
+    torch.manual_seed(0)
+    model = HydraForCausalLM(small_config(num_key_value_heads=1, use_value_shift=False)).eval()
+    assert model.model.layers[0].self_attn.num_shift_heads == 0
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "use_value_shift": True}))
+    with pytest.raises(ValueError, match=r"use_value_shift.*num_key_value_heads"):
+        HydraForCausalLM.from_pretrained(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- import layout
