@@ -11,8 +11,15 @@ from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
 
-from .ops_hydra import KERNEL_BACKENDS  # the one list of backends (the dispatcher validates against it too)
+# The one list of kernel backends. The dispatcher (``ops_hydra``) imports it from here: the config never imports
+# the ops (nothing in this module depends on which kernels exist).
+KERNEL_BACKENDS = ("auto", "triton", "liger", "torch")
+# ``rope_parameters["rope_type"]`` values HYDRA runs ("default" plus transformers' ``ROPE_INIT_FUNCTIONS`` that
+# apply to one RoPE over a partial rotary dim).
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+DEFAULT_PARTIAL_ROTARY_FACTOR = 0.5  # HYDRA's default (transformers' is 1.0)
 
 MOR_SHARING_MODES = ("sequence", "middle_cycle")
 
@@ -100,11 +107,17 @@ class HydraConfig(PreTrainedConfig):
         qk_channel_conv_kernel_size (`int`, *optional*, defaults to 1):
             Kernel (over time, causal) of the per-head grouped channel convolution; 1 = pointwise.
         use_value_shift (`bool`, *optional*, defaults to `True`):
-            Half of the KV heads (the last `Hk // 2`) take their values from the previous token.
+            Half of the KV heads (the last `Hk // 2`) take their values from the previous token. Needs
+            `num_key_value_heads >= 2`: with one KV head there is no half to shift, and the config raises (naming
+            both fields) instead of silently shifting nothing. For such a model set `use_value_shift=False`, which
+            computes exactly what a 1-KV-head model with `use_value_shift=True` computed before this was an error.
         use_qk_mean (`bool`, *optional*, defaults to `True`):
             Add the pre-convolution q-k mean back after the convolutions.
         partial_rotary_factor (`float`, *optional*, defaults to 0.5):
-            Fraction of each latent head's channels that get RoPE (rounded down to an even count, at least 2).
+            Fraction of each latent head's channels that get RoPE (rounded down to an even count, at least 2:
+            `rotary_dim`). Stored in `rope_parameters["partial_rotary_factor"]`, as transformers 5 configs do;
+            `config.partial_rotary_factor` reads (and assigning it writes) that entry, and as a keyword it is moved
+            there (where `rope_parameters` has no such entry).
         num_unique_blocks (`int`, *optional*, defaults to 2):
             Number of distinct (weight-owning) blocks.
         mor_recursions (`int`, *optional*, defaults to 2):
@@ -180,8 +193,18 @@ class HydraConfig(PreTrainedConfig):
             MLP activation (SwiGLU gate).
         max_position_embeddings (`int`, *optional*, defaults to 2048):
             Longest sequence the model is meant for.
+        rope_parameters (`RopeParameters` or `dict`, *optional*):
+            transformers' RoPE dict: `rope_type` (one of `"default"`, `"linear"`, `"dynamic"`, `"yarn"`,
+            `"llama3"`), `rope_theta` (base, defaults to 10000.0), `partial_rotary_factor` (see above) and the keys
+            of the scaling type (`factor`; `original_max_position_embeddings` for yarn / llama3, defaulting to
+            `max_position_embeddings`; `low_freq_factor` / `high_freq_factor` for llama3; `attention_factor`,
+            `beta_fast`, `beta_slow` for yarn). Standardized and validated by transformers' own
+            `RotaryEmbeddingConfigMixin` (missing keys raise naming them), over HYDRA's `rotary_dim` channels of
+            each latent head. `None` = `{"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}`.
+            Configs saved before this field existed have top-level `rope_theta` / `partial_rotary_factor` (and maybe
+            `rope_scaling`): they load into `rope_parameters` and give the same model.
         rope_theta (`float`, *optional*, defaults to 10000.0):
-            RoPE base.
+            RoPE base, stored as `rope_parameters["rope_theta"]` (`config.rope_theta` reads and writes it there).
         rms_norm_eps (`float`, *optional*, defaults to 1e-6):
             RMSNorm epsilon.
         initializer_range (`float`, *optional*, defaults to 0.02):
@@ -216,7 +239,6 @@ class HydraConfig(PreTrainedConfig):
     qk_channel_conv_kernel_size: int = 1
     use_value_shift: bool = True
     use_qk_mean: bool = True
-    partial_rotary_factor: float | int = 0.5
     num_unique_blocks: int = 2
     mor_recursions: int = 2
     num_hidden_layers: int | None = None
@@ -248,7 +270,7 @@ class HydraConfig(PreTrainedConfig):
     fused_linear_cross_entropy: bool | None = None
     hidden_act: str = "silu"
     max_position_embeddings: int = 2048
-    rope_theta: float | int = 10000.0
+    rope_parameters: RopeParameters | dict | None = None
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     attention_dropout: float | int = 0.0
@@ -259,6 +281,13 @@ class HydraConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
+        # RoPE, the transformers 5 way (as PhiConfig does): `rope_theta` / `partial_rotary_factor` / `rope_scaling`
+        # keywords (and the top-level keys of configs saved before `rope_parameters`) are moved into
+        # `rope_parameters` by `PreTrainedConfig.__post_init__` (`convert_rope_params_to_dict`), where entries already
+        # in `rope_parameters` win. The caller's dict is copied first: standardization writes into it.
+        if isinstance(self.rope_parameters, dict):
+            self.rope_parameters = dict(self.rope_parameters)
+        kwargs.setdefault("partial_rotary_factor", DEFAULT_PARTIAL_ROTARY_FACTOR)
         if self.num_hidden_layers is None:
             self.num_hidden_layers = self.effective_layers_for(self.num_unique_blocks, self.mor_recursions, self.mor_sharing)
         if self.head_dim is None:  # None only while the sizes it comes from are invalid (validation names them)
@@ -285,8 +314,35 @@ class HydraConfig(PreTrainedConfig):
 
     @property
     def rotary_dim(self) -> int:
+        """Channels of each latent head that get RoPE: `partial_rotary_factor` of them, rounded down to even, >= 2."""
         h = self.latent_head_dim
         return max(2, int(h * self.partial_rotary_factor) // 2 * 2)
+
+    # ------------------------------------------------------------------ RoPE (stored in rope_parameters)
+    @property
+    def rope_theta(self) -> float:
+        """RoPE base: `rope_parameters["rope_theta"]` (a top-level field of configs saved before rope_parameters)."""
+        rope = self.rope_parameters if isinstance(self.rope_parameters, dict) else {}
+        return rope.get("rope_theta", self.default_theta)
+
+    @rope_theta.setter
+    def rope_theta(self, value):
+        self.rope_parameters = {**(self.rope_parameters or {}), "rope_theta": value}
+
+    @property
+    def partial_rotary_factor(self) -> float:
+        """Fraction of each latent head that gets RoPE: `rope_parameters["partial_rotary_factor"]`."""
+        rope = self.rope_parameters if isinstance(self.rope_parameters, dict) else {}
+        return rope.get("partial_rotary_factor", DEFAULT_PARTIAL_ROTARY_FACTOR)
+
+    @partial_rotary_factor.setter
+    def partial_rotary_factor(self, value):
+        self.rope_parameters = {**(self.rope_parameters or {}), "partial_rotary_factor": value}
+
+    def rotary_config(self) -> "HydraRotaryConfig":
+        """This config as transformers' RoPE init functions (``ROPE_INIT_FUNCTIONS``, ``dynamic_rope_update``) should
+        see it for HYDRA's RoPE: see ``HydraRotaryConfig``."""
+        return HydraRotaryConfig(self)
 
     @property
     def num_value_shift_heads(self) -> int:
@@ -342,6 +398,46 @@ class HydraConfig(PreTrainedConfig):
         (or ``validate()``) again after changing fields by hand."""
         self.validate_architecture()
 
+    def _check_rope_parameters(self):
+        """The HYDRA side of `rope_parameters` (transformers' `validate_rope` checks each type's keys)."""
+        rope = self.rope_parameters
+        if not isinstance(rope, dict):
+            raise ValueError(f"rope_parameters must be a dict (transformers' RopeParameters), got {rope!r}")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_parameters['rope_type'] must be one of {ROPE_TYPES}, got {rope_type!r}")
+        factor = self.partial_rotary_factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0.0 < factor <= 1.0:
+            raise ValueError(
+                f"partial_rotary_factor (rope_parameters['partial_rotary_factor']) must be in (0, 1], got {factor!r}"
+            )
+        theta = self.rope_theta
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+            raise ValueError(f"rope_theta (rope_parameters['rope_theta']) must be a positive number, got {theta!r}")
+        if rope_type == "dynamic" and self.rotary_dim < 4:
+            raise ValueError(
+                f"rope_parameters['rope_type']='dynamic' needs a rotary dim >= 4 (its base is rescaled by an exponent "
+                f"dim / (dim - 2)), got rotary_dim={self.rotary_dim}: raise partial_rotary_factor or the latent head dim"
+            )
+
+    def validate_rope(self):
+        """transformers' RoPE validation (`RotaryEmbeddingConfigMixin.validate_rope`, a `@strict` class validator): the
+        keys each `rope_type` needs (a missing one raises naming it) and the ranges of their values (warnings).
+
+        Two differences: the rope types HYDRA does not run are refused by ``validate_architecture`` (naming
+        `rope_parameters['rope_type']`), and transformers' "RoPE requires an even rotary dimension" check (an odd
+        `head_dim` with `partial_rotary_factor` 1) is left out: HYDRA rotates `rotary_dim` channels, rounded down to
+        an even count, so an odd latent head dim is fine."""
+        rope = self.rope_parameters
+        if not isinstance(rope, dict) or not rope:
+            return
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            return  # validate_architecture names it
+        rope["rope_type"] = rope_type
+        validate = getattr(self, f"_validate_{rope_type}_rope_parameters")
+        validate(rope, ignore_keys=self.ignore_keys_at_rope_validation)
+
     def validate_architecture(self):
         """Part of `@strict`-powered validation: every HYDRA field, with errors naming the field."""
         super().validate_architecture()
@@ -387,8 +483,14 @@ class HydraConfig(PreTrainedConfig):
         for field in ("qk_conv_kernel_size", "qk_channel_conv_kernel_size"):
             if getattr(self, field) > 8:
                 raise ValueError(f"{field} must be in [1, 8], got {getattr(self, field)}")
-        if not 0.0 < self.partial_rotary_factor <= 1.0:
-            raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+        if self.use_value_shift and self.num_key_value_heads < 2:
+            raise ValueError(
+                f"use_value_shift=True needs num_key_value_heads >= 2 (half of the KV heads take the previous token's "
+                f"values), got num_key_value_heads={self.num_key_value_heads}: with one KV head nothing would be "
+                "shifted. Use num_key_value_heads >= 2, or use_value_shift=False (what such a model computed before "
+                "this was an error)"
+            )
+        self._check_rope_parameters()
         if self.mor_sharing not in MOR_SHARING_MODES:
             raise ValueError(f"mor_sharing must be one of {MOR_SHARING_MODES}, got {self.mor_sharing!r}")
         for component in ("mod", "mor"):
@@ -440,6 +542,37 @@ class HydraConfig(PreTrainedConfig):
             raise ValueError(f"mod_aux_loss_coef must be >= 0 or None (auto), got {self.mod_aux_loss_coef}")
 
 
+class HydraRotaryConfig:
+    """A `HydraConfig` as transformers' RoPE init functions see it for HYDRA's RoPE.
+
+    transformers computes RoPE over `int(head_dim * partial_rotary_factor)` channels; HYDRA rotates `rotary_dim`
+    channels of each latent head (`partial_rotary_factor` of the latent head dim rounded down to an even count, at
+    least 2). This view answers `head_dim` with `rotary_dim` and `rope_parameters` with the config's dict with
+    `partial_rotary_factor` 1, so that `ROPE_INIT_FUNCTIONS[rope_type](view, ...)` and `dynamic_rope_update` compute
+    exactly HYDRA's frequencies (e.g. `1 / theta ** (arange(0, r, 2) / r)` for the default type); everything else
+    (`max_position_embeddings`, `standardize_rope_params`, ...) is the config's. It reads the config live.
+    """
+
+    def __init__(self, config: HydraConfig):
+        self.config = config
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.rotary_dim
+
+    @property
+    def rope_parameters(self) -> dict:
+        return {**self.config.rope_parameters, "partial_rotary_factor": 1.0}
+
+    def __getattr__(self, name):
+        if name == "config" or name.startswith("__"):  # copy / pickle look these up before __init__ ran
+            raise AttributeError(name)
+        return getattr(self.config, name)
+
+    def __repr__(self):
+        return f"HydraRotaryConfig(rotary_dim={self.head_dim}, rope_parameters={self.rope_parameters})"
+
+
 def _derived_head_dim(hidden_size, compression_factor, num_attention_heads) -> int | None:
     """hidden_size / (compression_factor * num_attention_heads), or None where the sizes do not give one."""
     sizes = (hidden_size, compression_factor, num_attention_heads)
@@ -471,4 +604,4 @@ def _derive(field: str, values: dict):
         return None
 
 
-__all__ = ["HydraConfig", "PRESET_NAMES"]
+__all__ = ["HydraConfig", "HydraRotaryConfig", "PRESET_NAMES", "KERNEL_BACKENDS", "ROPE_TYPES"]

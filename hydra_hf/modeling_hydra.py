@@ -28,6 +28,7 @@ from torch import nn
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
@@ -93,23 +94,48 @@ class HydraRMSNorm(nn.Module):
 
 
 class HydraRotaryEmbedding(nn.Module):
-    """RoPE for the first `config.rotary_dim` channels of each latent head."""
+    """RoPE for the first `config.rotary_dim` channels of each latent head, as `LlamaRotaryEmbedding` computes it.
+
+    `config.rope_parameters["rope_type"]` picks the frequencies: "default" here, the others from transformers'
+    `ROPE_INIT_FUNCTIONS` (linear, dynamic, yarn, llama3), computed over `rotary_dim` channels (they see the config
+    through `HydraRotaryConfig`, whose `head_dim` is `rotary_dim`). `dynamic_rope_update` recomputes dynamic
+    frequencies when a sequence grows past `max_position_embeddings`, and cos / sin are multiplied by the type's
+    `attention_scaling` (yarn's attention factor; 1.0 for the others)."""
+
+    inv_freq: torch.Tensor  # (r/2,) fix linting for `register_buffer`
 
     def __init__(self, config: HydraConfig):
         super().__init__()
+        self.config = config.rotary_config()  # what the RoPE init functions and dynamic_rope_update read
         self.dim = config.rotary_dim
-        self.base = config.rope_theta
-        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters["rope_type"]
+        self.rope_init_fn: Callable = (
+            self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        )
+        inv_freq, self.attention_scaling = self.rope_init_fn(self.config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
 
-    def compute_inv_freq(self, device=None) -> torch.Tensor:
-        return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float, device=device) / self.dim))
+    @staticmethod
+    def compute_default_rope_parameters(config, device=None, seq_len=None, **kwargs) -> tuple[torch.Tensor, float]:
+        """The original RoPE over `config.head_dim` channels (`rotary_dim` for a `HydraRotaryConfig`) -> (inv_freq,
+        attention scaling 1.0)."""
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+        return inv_freq, 1.0
 
     @torch.no_grad()
+    @dynamic_rope_update  # dynamic rope types recompute inv_freq past max_position_embeddings
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (B, T, r) for `position_ids` (B, T); computed once per forward by `HydraModel`."""
-        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)  # (B, T, r/2)
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)  # (B, T, r/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, r)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
 
 
 class HydraMLP(nn.Module):
@@ -863,8 +889,10 @@ class HydraPreTrainedModel(PreTrainedModel):
                 init.copy_(chan_w, value)
             init.ones_(module.key_temperature)
         elif isinstance(module, HydraRotaryEmbedding):
-            # Non-persistent buffer: rebuilt here because from_pretrained materialises modules from meta.
-            init.copy_(module.inv_freq, module.compute_inv_freq(module.inv_freq.device))
+            # Non-persistent buffers: rebuilt here because from_pretrained materialises modules from meta.
+            inv_freq, _ = module.rope_init_fn(module.config, module.inv_freq.device)
+            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.original_inv_freq, inv_freq)
         elif isinstance(module, HydraModel):
             if module.recursion_embedding is not None:
                 init.zeros_(module.recursion_embedding)

@@ -17,27 +17,42 @@ Fallbacks (decided at call time, so the model runs everywhere with any backend):
 * ``"auto"`` arriving here is treated as ``"triton"`` for CUDA tensors and ``"torch"`` otherwise.
 * RMSNorm / SwiGLU / fused linear cross-entropy use Liger on CUDA for ``"liger"``, ``"triton"``
   and ``"auto"``. Without Liger installed, ``"liger"`` raises ImportError; ``"triton"`` uses our
-  Triton RMSNorm and the SwiGLU / cross-entropy references.
+  Triton RMSNorm and the SwiGLU / cross-entropy references. Liger is called through its public
+  functional API (``liger_kernel.transformers.functional``), by keyword.
 * ``qk_mean`` always runs the reference (see ``ops/qk_norm_rope_triton.py`` for why).
 * Sizes above ``TRITON_LIMITS`` (e.g. ``qk_conv_kernel_size`` > 4) run the reference on every
   backend; ``check_kernel_backend`` (called at model construction) makes ``"triton"`` raise for
   such a config instead, naming the field. Float tensors outside ``TRITON_DTYPES`` (float64) and
   ``causal_conv`` sequences beyond its int32 / grid range run the reference too (per call).
 
+Import layout (no cycle; each layer imports only the ones above it in this list):
+
+1. ``ops_reference_hydra.py`` and ``configuration_hydra.py`` (``KERNEL_BACKENDS``): no HYDRA imports
+   (``configuration_hydra`` never imports the ops).
+2. The kernel modules in ``hydra_hf/ops/`` (``<op>_triton.py``, ``cross_entropy_liger.py``, ``_triton_utils.py``,
+   ``_triton_lang.py``): they import each other and layer 1, never this dispatcher.
+3. This module (the dispatcher): layer 1 at import time; the kernel modules with ordinary import statements
+   inside functions (``_import_triton_kernels`` / ``_import_kernel_utils`` / ``_import_cross_entropy_kernel``), on
+   the first Triton or Liger path, because they import Triton (and because bare remote code has no ``hydra_hf`` to import them from:
+   the imports are absolute ``hydra_hf.ops`` imports inside ``try``, which transformers' remote-code import check
+   skips, and an ``ImportError`` means "references only").
+4. ``hydra_hf/ops/__init__.py`` re-exports this module's functions as ``hydra_hf.ops.<name>`` (and
+   ``aot_compile.py`` reads ``TRITON_LIMITS``); nothing below imports them.
+
 This module and ``ops_reference_hydra.py`` are flat files with only torch imports at module level
-so that ``save_pretrained`` ships them with ``modeling_hydra.py`` as remote code: a model loaded
-with ``trust_remote_code=True`` on a machine without ``hydra_hf`` runs on the references (the
+(plus the config's ``KERNEL_BACKENDS``) so that ``save_pretrained`` ships them with ``modeling_hydra.py`` as remote
+code: a model loaded with ``trust_remote_code=True`` on a machine without ``hydra_hf`` runs on the references (the
 Triton kernels live in the ``hydra_hf.ops`` package and are used whenever it is installed).
 Users reach these functions as ``hydra_hf.ops.<name>``.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
+from types import ModuleType
 
 import torch
 
+from .configuration_hydra import KERNEL_BACKENDS  # the one list of backends
 from .ops_reference_hydra import (
     causal_conv_ref,
     causal_conv_state_len,
@@ -51,16 +66,6 @@ from .ops_reference_hydra import (
     scatter_gated_add_ref,
     swiglu_ref,
 )
-
-KERNEL_PACKAGE = "hydra_hf.ops"  # where the Triton kernel modules live (absent in bare remote code)
-_TRUE = ("1", "true", "yes", "on")
-
-
-def interpret_requested() -> bool:
-    """True when ``TRITON_INTERPRET`` is set in the environment right now (read at call time)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
-
-KERNEL_BACKENDS = ("auto", "triton", "liger", "torch")  # the one list (configuration_hydra imports it)
 
 # The one place that says which sizes our Triton kernels run: the largest value of each kernel-facing
 # size of a config (``triton_config_sizes``) they are built and compile-checked for.
@@ -158,6 +163,69 @@ def _effective_backend(backend: str, *tensors: torch.Tensor | None) -> str:
     return backend
 
 
+# Lazy imports. Each import statement sits inside ``try`` (transformers' remote-code check skips those, so bare
+# remote code without hydra_hf / Liger loads, and an ImportError means "not installed": the references run); each
+# importer runs once (``_once``: a plain dict, which torch.compile traces without a graph break).
+def _import_kernel_utils() -> ModuleType | None:
+    """``hydra_hf.ops._triton_utils`` (no Triton import; ``interpret_requested`` lives there)."""
+    try:
+        from hydra_hf.ops import _triton_utils
+    except ImportError:
+        return None
+    return _triton_utils
+
+
+def _import_triton_kernels() -> dict[str, ModuleType]:
+    """The Triton kernel modules by name. Importing them imports Triton and defines the kernels, interpreted or
+    compiled per ``TRITON_INTERPRET`` at that time. Empty where hydra_hf or Triton is not installed."""
+    try:
+        from hydra_hf.ops import (
+            causal_conv_triton,
+            moe_permute_triton,
+            qk_norm_rope_triton,
+            rms_norm_triton,
+            routing_gather_triton,
+        )
+    except ImportError:
+        return {}
+    modules = (causal_conv_triton, moe_permute_triton, qk_norm_rope_triton, rms_norm_triton, routing_gather_triton)
+    return {mod.__name__.rpartition(".")[2]: mod for mod in modules}
+
+
+def _import_cross_entropy_kernel() -> ModuleType | None:
+    """``hydra_hf.ops.cross_entropy_liger`` (our wrapper of Liger's fused linear cross-entropy)."""
+    try:
+        from hydra_hf.ops import cross_entropy_liger
+    except ImportError:
+        return None
+    return cross_entropy_liger
+
+
+def _import_liger() -> ModuleType | None:
+    """Liger's public functional API, ``liger_kernel.transformers.functional``."""
+    try:
+        from liger_kernel.transformers import functional
+    except ImportError:
+        return None
+    return functional
+
+
+_IMPORTED: dict = {}
+
+
+def _once(importer):
+    """``importer()``, run on the first call only."""
+    if importer not in _IMPORTED:
+        _IMPORTED[importer] = importer()
+    return _IMPORTED[importer]
+
+
+def _interpret_requested() -> bool:
+    """``TRITON_INTERPRET`` is set now (False where the kernel package is absent: no kernel could run anyway)."""
+    utils = _once(_import_kernel_utils)
+    return utils is not None and utils.interpret_requested()
+
+
 def _triton_module(backend: str, module: str, *tensors: torch.Tensor | None):
     """The kernel module ``hydra_hf.ops.<module>`` if its Triton kernels can run on ``tensors`` now, else None.
 
@@ -172,32 +240,33 @@ def _triton_module(backend: str, module: str, *tensors: torch.Tensor | None):
         return None  # e.g. float64: the reference keeps its precision
     all_cuda = all(t.is_cuda for t in ts)
     all_cpu = all(t.device.type == "cpu" for t in ts)
-    if not (all_cuda or (all_cpu and interpret_requested())):
+    if not (all_cuda or (all_cpu and _interpret_requested())):
         return None
-    try:
-        mod = importlib.import_module(f"{KERNEL_PACKAGE}.{module}")
-    except ImportError:  # Triton or the hydra_hf kernel package is not installed
+    mod = _once(_import_triton_kernels).get(module)
+    if mod is None:  # Triton or the hydra_hf kernel package is not installed
         return None
     if all_cuda:
-        return mod if (not mod.INTERPRETED or interpret_requested()) else None
+        return mod if (not mod.INTERPRETED or _interpret_requested()) else None
     return mod if mod.INTERPRETED else None
 
 
-def _liger_ok(backend: str, *tensors: torch.Tensor) -> bool:
-    """Whether to call Liger: CUDA tensors, a non-torch backend and Liger importable.
+def _liger(backend: str, *tensors: torch.Tensor) -> ModuleType | None:
+    """Liger's functional API if Liger should run: CUDA tensors, a non-torch backend and Liger importable.
 
     An explicit ``"liger"`` backend without Liger installed raises instead of silently falling back.
     """
     backend = _effective_backend(backend, *tensors)
     if backend == "torch" or not all(t.is_cuda for t in tensors):
-        return False
-    try:
-        importlib.import_module("liger_kernel.ops")
-    except ImportError as e:
-        if backend == "liger":
-            raise ImportError("backend='liger' needs the liger-kernel package (pip install liger-kernel)") from e
-        return False
-    return True
+        return None
+    liger = _once(_import_liger)
+    if liger is None and backend == "liger":
+        raise ImportError("backend='liger' needs the liger-kernel package (pip install liger-kernel)")
+    return liger
+
+
+def _liger_ok(backend: str, *tensors: torch.Tensor) -> bool:
+    """Whether Liger runs for these tensors (see ``_liger``)."""
+    return _liger(backend, *tensors) is not None
 
 
 def causal_conv(x, seq_weight, chan_weight, num_heads, state=None, sequence_ids=None, backend="torch"):
@@ -265,10 +334,10 @@ def moe_unpermute(expert_out, sorted_pairs, weights, backend="torch"):
 
 def rms_norm(x, weight, eps, backend="torch"):
     """Llama RMSNorm; Liger on CUDA, our Triton kernel without Liger / under the interpreter."""
-    if _liger_ok(backend, x, weight):
-        LigerRMSNormFunction = importlib.import_module("liger_kernel.ops.rms_norm").LigerRMSNormFunction
+    liger = _liger(backend, x, weight)
+    if liger is not None:
         # in_place=False: Liger would otherwise overwrite the incoming gradient with grad_x
-        return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", False)
+        return liger.liger_rms_norm(X=x, W=weight, eps=eps, offset=0.0, casting_mode="llama", in_place=False)
     if _effective_backend(backend, x, weight) == "triton":
         mod = _triton_module("triton", "rms_norm_triton", x, weight)
         if mod is not None and not triton_limit_violations(hidden_size=x.shape[-1]):
@@ -278,9 +347,9 @@ def rms_norm(x, weight, eps, backend="torch"):
 
 def swiglu(gate, up, backend="torch"):
     """silu(gate) * up; Liger on CUDA, the reference elsewhere."""
-    if _liger_ok(backend, gate, up):
-        LigerSiLUMulFunction = importlib.import_module("liger_kernel.ops.swiglu").LigerSiLUMulFunction
-        return LigerSiLUMulFunction.apply(gate, up)
+    liger = _liger(backend, gate, up)
+    if liger is not None:
+        return liger.liger_swiglu(a=gate, b=up)
     return swiglu_ref(gate, up)
 
 
@@ -305,10 +374,7 @@ def linear_cross_entropy_is_fused(backend, *tensors) -> bool:
 def _liger_cross_entropy_module(backend, *tensors):
     if not _liger_ok(backend, *tensors):
         return None
-    try:
-        return importlib.import_module(f"{KERNEL_PACKAGE}.cross_entropy_liger")
-    except ImportError:  # remote code without the hydra_hf package: the reference runs
-        return None
+    return _once(_import_cross_entropy_kernel)  # None in remote code without the hydra_hf package: the reference runs
 
 
 __all__ = [

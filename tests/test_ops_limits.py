@@ -22,9 +22,9 @@ pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 # name -> (config overrides, expected refusal for kernel_backend="triton" or None)
 GRID = {
-    # odd head dim 7, 3 query heads, MQA (1 KV head), the default conv pair
+    # odd head dim 7, 3 query heads, MQA (1 KV head: no value shift, which needs 2), the default conv pair
     "h7-hq3-mqa": (dict(hidden_size=42, compression_factor=2, num_attention_heads=3, num_key_value_heads=1,
-                        qk_conv_kernel_size=3, qk_channel_conv_kernel_size=2), None),
+                        use_value_shift=False, qk_conv_kernel_size=3, qk_channel_conv_kernel_size=2), None),
     # the smallest head dim, 5 heads, no conv taps (Ks = Kc = 1), full RoPE, odd hidden
     "h2-hq5": (dict(hidden_size=10, compression_factor=1, num_attention_heads=5, num_key_value_heads=5,
                     qk_conv_kernel_size=1, qk_channel_conv_kernel_size=1, partial_rotary_factor=1.0), None),
@@ -39,14 +39,15 @@ GRID = {
     "kc3": (dict(hidden_size=24, compression_factor=2, num_attention_heads=4, num_key_value_heads=2,
                  qk_conv_kernel_size=2, qk_channel_conv_kernel_size=3), "qk_channel_conv_kernel_size"),
     # head dim 65 > 64 (odd, one above the limit)
-    "h65": (dict(hidden_size=130, compression_factor=1, num_attention_heads=2, num_key_value_heads=1), "latent head dim"),
+    "h65": (dict(hidden_size=130, compression_factor=1, num_attention_heads=2, num_key_value_heads=1,
+                 use_value_shift=False), "latent head dim"),
     # 33 heads of 33: latent width 1089 but a 64 x 64 register tile in qk_norm_rope (1-tap convs: the
     # conv kernels still run, on 33 heads, which is the slow part in the interpreter)
     "h33-hq33": (dict(hidden_size=1089, compression_factor=1, num_attention_heads=33, num_key_value_heads=3,
                       qk_conv_kernel_size=1, qk_channel_conv_kernel_size=1), "rounded up to a power of two"),
     # hidden 8200 > 8192 (RMSNorm row), odd latent head dim 41
-    "hidden8200": (dict(hidden_size=8200, compression_factor=100, num_attention_heads=2, num_key_value_heads=1),
-                   "hidden_size"),
+    "hidden8200": (dict(hidden_size=8200, compression_factor=100, num_attention_heads=2, num_key_value_heads=1,
+                        use_value_shift=False), "hidden_size"),
 }
 KERNEL_FUNCTIONS = {  # op -> (kernel module, function the dispatcher calls)
     "causal_conv": ("causal_conv_triton", "causal_conv_triton"),

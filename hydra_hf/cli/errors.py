@@ -110,7 +110,7 @@ def _matches(value, hint) -> tuple[bool, str | None]:
             return False, None
         item = typing.get_args(hint)[:1]
         return all(_matches(v, item[0])[0] for v in value) if item and item[0] is not Ellipsis else True, None
-    if origin is dict:
+    if origin is dict or typing.is_typeddict(hint):  # a TypedDict (e.g. RopeParameters) refuses isinstance
         return isinstance(value, dict), None
     if not isinstance(hint, type):
         return True, None

@@ -137,7 +137,8 @@ def apply_set(cfg: dict, assignment: str) -> None:
 
     from ..configuration_hydra import HydraConfig
 
-    if key in HydraConfig.__dataclass_fields__ or key == "preset":
+    # rope_theta / partial_rotary_factor: HydraConfig keywords (stored in rope_parameters), not dataclass fields
+    if key in HydraConfig.__dataclass_fields__ or key in ("preset", "rope_theta", "partial_rotary_factor"):
         cfg["model"][key] = value
     elif key in TrainingArguments.__dataclass_fields__:
         cfg["training"][key] = value

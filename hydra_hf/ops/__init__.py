@@ -12,6 +12,10 @@ kernels, one module per op, named after the op and the implementation inside it:
 ``aot_compile.py`` compiles every specialization the launchers choose for sm_80 / sm_90 on CPU
 (no GPU). See ``docs/kernels.md``.
 
+Imports go one way: the kernel modules never import the dispatcher (``ops_hydra``); the dispatcher imports
+them (inside functions, on the first Triton / Liger path); this ``__init__`` re-exports the dispatcher's
+functions. See the layout in ``hydra_hf/ops_hydra.py``.
+
 No kernel module shares a name with a dispatcher function, so ``hydra_hf.ops.causal_conv`` is the
 function and ``import hydra_hf.ops.causal_conv_triton as m`` is the module, in any import order.
 """
@@ -23,7 +27,8 @@ import sys
 from .. import ops_reference_hydra as reference
 from ..ops_hydra import *  # noqa: F403  (the public dispatcher functions)
 from ..ops_hydra import __all__ as _dispatcher_names
-from ..ops_hydra import _effective_backend, _liger_ok, _triton_module, interpret_requested  # noqa: F401
+from ..ops_hydra import _effective_backend, _liger_ok, _triton_module  # noqa: F401
+from ._triton_utils import interpret_requested  # noqa: F401
 
 sys.modules[f"{__name__}.reference"] = reference  # `from hydra_hf.ops.reference import ...` keeps working
 

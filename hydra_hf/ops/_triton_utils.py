@@ -1,17 +1,24 @@
 """Small helpers shared by the HYDRA Triton kernels.
 
-Nothing here imports Triton, so the dispatcher can ask "may Triton run on this tensor?"
-on machines without Triton installed.
+Nothing here imports Triton, so the dispatcher (``ops_hydra``) can ask "may Triton run on this tensor?"
+(``interpret_requested``) on machines without Triton installed. Like every kernel module, this one never
+imports the dispatcher: the dispatcher imports the kernel modules (see the layout in ``ops_hydra``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, NamedTuple
 
 import torch
 
-from ..ops_hydra import interpret_requested  # noqa: F401  (used by the kernel modules)
+_TRUE = ("1", "true", "yes", "on")
+
+
+def interpret_requested() -> bool:
+    """True when ``TRITON_INTERPRET`` is set in the environment right now (read at call time)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
 
 
 def next_pow2(n: int) -> int:

@@ -11,8 +11,8 @@
 Logs: callbacks that add entries do it in `on_log`, both to the `logs` dict (seen by every callback
 after them, e.g. the console progress bar) and to `state.log_history[-1]` (the run's history). For
 `report_to` integrations (TensorBoard, W&B) to see them too, the callbacks must run *before* the
-integration callbacks: add them with `add_callbacks(trainer, [...])` (or `hydra_hf.training.build_trainer`)
-rather than `Trainer(callbacks=...)`, which appends after the integrations.
+integration callbacks: add them with `add_callbacks(trainer, [...])` (as `hydra-train` does with the list
+`hydra_hf.cli.train.build_callbacks` makes) rather than `Trainer(callbacks=...)`, which appends after the integrations.
 """
 
 from __future__ import annotations
@@ -791,7 +791,8 @@ class BestCheckpointCallback(TrainerCallback):
 
     transformers 5.23 keeps `best_metric`, `best_global_step` and `best_model_checkpoint` in
     `trainer_state.json` and restores them on resume, and its checkpoint rotation never deletes the best
-    one (`tests/test_training_best.py` proves it). This callback adds a belt to those braces: on every save
+    one (`test_global_best_checkpoint_survives_resume` in `tests/test_training.py` checks the best surviving a
+    resume and a `save_total_limit=1` rotation, with this callback). This callback adds a belt to those braces: on every save
     it writes `<output_dir>/best_checkpoint.json` with the global best (metric, step, path); on a resumed
     start whose `TrainerState` has no best (e.g. resuming from a checkpoint copied without its state, or
     from one saved before the best was known while a later best exists on disk), it restores the better of
