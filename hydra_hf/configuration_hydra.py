@@ -23,14 +23,10 @@ DEFAULT_PARTIAL_ROTARY_FACTOR = 0.5  # HYDRA's default (transformers' is 1.0)
 
 MOR_SHARING_MODES = ("sequence", "middle_cycle")
 
-def _routing_modes(component: str) -> tuple[str, ...]:
-    """The routing modes of `component` ("mod" / "mor"): the table in routing_hydra.py (a leaf module, torch only)."""
-    from .routing_hydra import ROUTING_MODES
-
-    return tuple(ROUTING_MODES[component])
-
-
-MOR_ROUTING_MODES = ("expert_choice", "token_choice")  # the built-in ones (see routing_hydra.ROUTING_MODES)
+# The routing modes a config may name, per component (`mod_routing`, `mor_routing`). routing_hydra.ROUTING_MODES maps
+# each to its router class; `routing_hydra.register_routing_mode` adds a mode to both tables.
+ROUTING_MODE_NAMES: dict[str, list[str]] = {"mod": ["expert_choice"], "mor": ["expert_choice", "token_choice"]}
+MOR_ROUTING_MODES = tuple(ROUTING_MODE_NAMES["mor"])  # the built-in ones
 
 # name -> (hidden, unique blocks, recursions, query heads, kv heads, intermediate, vocab)
 # Latent head dim h = hidden / (compression_factor * query heads), compression_factor = 4.
@@ -494,7 +490,7 @@ class HydraConfig(PreTrainedConfig):
         if self.mor_sharing not in MOR_SHARING_MODES:
             raise ValueError(f"mor_sharing must be one of {MOR_SHARING_MODES}, got {self.mor_sharing!r}")
         for component in ("mod", "mor"):
-            modes, value = _routing_modes(component), getattr(self, f"{component}_routing")
+            modes, value = tuple(ROUTING_MODE_NAMES[component]), getattr(self, f"{component}_routing")
             if value not in modes:
                 raise ValueError(f"{component}_routing must be one of {modes}, got {value!r}")
         if self.kernel_backend not in KERNEL_BACKENDS:

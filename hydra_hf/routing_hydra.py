@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .configuration_hydra import ROUTING_MODE_NAMES
+
 # ---------------------------------------------------------------------------- layout
 
 
@@ -572,7 +574,8 @@ class MoRTokenChoiceRouter(TokenChoiceRouter):
 
 
 # Routing modes: component -> {config value -> router class built from the config}. The config field naming the mode
-# is `<component>_routing` (`mod_routing`, `mor_routing`) and is validated against this table. A new mode is a router
+# is `<component>_routing` (`mod_routing`, `mor_routing`); the config validates it against the same names
+# (configuration_hydra.ROUTING_MODE_NAMES, kept equal to this table). A new mode is a router
 # class here (returning a `RouterOutput`) and an entry in this table: the layer loop and `RoutingPass` only read
 # `RouterOutput`s. (`register_routing_mode` adds one from outside, e.g. in a test.)
 ROUTING_MODES: dict[str, dict[str, type]] = {
@@ -589,6 +592,8 @@ def register_routing_mode(component: str, name: str, router_class: type, decides
     if component not in ROUTING_MODES:
         raise ValueError(f"component must be one of {sorted(ROUTING_MODES)}, got {component!r}")
     ROUTING_MODES[component][name] = router_class
+    if name not in ROUTING_MODE_NAMES[component]:
+        ROUTING_MODE_NAMES[component].append(name)
     if decides_depth:
         DEPTH_ROUTING_MODES.add(name)
 

@@ -16,6 +16,7 @@ from transformers.utils import logging as hf_logging
 import hydra_hf
 from hydra_hf import HydraCache, HydraConfig, HydraForCausalLM, HydraStaticCache
 from hydra_hf.cache_hydra import HydraDynamicLayer, HydraStaticLayer, storage_bytes
+from hydra_hf.configuration_hydra import ROUTING_MODE_NAMES
 from hydra_hf.routing_hydra import ROUTING_MODES as ROUTER_TABLE
 from hydra_hf.routing_hydra import ExpertChoiceRouter, RouterOutput, register_routing_mode
 
@@ -271,3 +272,4 @@ def test_a_routing_mode_added_through_the_routing_table_only():
         assert min(out.routing.tokens_processed.values()) < 2 * 8  # a layer ran on a gathered subset only
     finally:
         del ROUTER_TABLE["mod"]["sign"]
+        ROUTING_MODE_NAMES["mod"].remove("sign")
