@@ -51,12 +51,16 @@ def _right_aligned_append(
 
     The result owns its storage (never a view of `new`, which may be a whole prefill's activations)."""
     B, K, C = new.shape
-    if counts is None and K >= keep:
-        return new[:, K - keep :].clone(), new_steps[:, K - keep :].to(buffer_steps.dtype).clone()
+    if counts is None:
+        if K >= keep:
+            return new[:, K - keep :].clone(), new_steps[:, K - keep :].to(buffer_steps.dtype).clone()
+        start = buffer.shape[1] + K - keep  # the old columns that stay: one concatenation, a new tensor
+        return (
+            torch.cat([buffer[:, start:].to(new.dtype), new], dim=1),
+            torch.cat([buffer_steps[:, start:], new_steps.to(buffer_steps.dtype)], dim=1),
+        )
     full = torch.cat([buffer.to(new.dtype), new], dim=1)  # (B, W + K, C)
     full_steps = torch.cat([buffer_steps, new_steps.to(buffer_steps.dtype)], dim=1)
-    if counts is None:
-        return full[:, -keep:].clone(), full_steps[:, -keep:].clone()
     # Row b's last column is at W + counts[b] - 1; gather the `keep` columns ending there (pad on the left).
     W = buffer.shape[1]
     pad = max(0, keep - W)

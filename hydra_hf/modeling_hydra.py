@@ -438,8 +438,9 @@ class HydraAttention(HydraCCAProjection):
         B, K, _ = hidden_states.shape
         cache_layer = cache.layers[cache_index] if cache is not None else None
         query, key, value = self.project(hidden_states, tokens, cache_layer)  # (B, Hq|Hk, K, h)
-        key, value, key_steps, key_valid, new_columns_at = self._store(key, value, tokens, cache, cache_index)
+        key, value, column_steps, key_valid, new_columns_at = self._store(key, value, tokens, cache, cache_index)
         S = key.shape[2]
+        key_steps = None  # (B, S) step of each key column, built only when a mask or the weights need it
 
         attention_mask = None
         need_mask = key_valid is not None or tokens.slot_valid is not None or tokens.sequence_ids is not None
@@ -447,6 +448,7 @@ class HydraAttention(HydraCCAProjection):
             key_sequence = tokens.sequence_ids
             if key_sequence is not None and S != K:  # cached columns continue the row's first sequence
                 key_sequence = F.pad(key_sequence, (S - K, 0), value=0)
+            key_steps = column_steps()
             attention_mask = build_attention_mask(
                 tokens.steps, key_steps, key_valid, tokens.slot_valid, tokens.sequence_ids, key_sequence, new_columns_at
             )
@@ -471,6 +473,7 @@ class HydraAttention(HydraCCAProjection):
         )
         attn_output = attn_output.reshape(B, K, -1)  # (B, K, Hq*h)
         if tokens.output_attentions and attn_weights is not None:
+            key_steps = key_steps if key_steps is not None else column_steps()
             attn_output, attn_weights = self._weights_over_inputs(attn_weights, value, tokens, key_steps, attn_output)
         return self.o_proj(attn_output), attn_weights
 
@@ -481,13 +484,13 @@ class HydraAttention(HydraCCAProjection):
         tokens: HydraTokens,
         cache: HydraCache | HydraStaticCache | None,
         cache_index: int | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor], torch.Tensor | None, int | None]:
         """Write the new keys/values to the cache as the selection says; -> every key and value the queries may
-        see, each column's step (B, S) and validity (B, S) or None, and where this forward's columns start (None:
-        the static layout, where column = step)."""
+        see, a function giving each column's step (B, S), the columns' validity (B, S) or None, and where this
+        forward's columns start (None: the static layout, where column = step)."""
         key_valid = tokens.key_valid
         if cache is None:
-            return key, value, tokens.steps, key_valid, 0
+            return key, value, lambda: tokens.steps, key_valid, 0
         B, Hk, K, h = key.shape
         T, past = tokens.input_length, tokens.past_length
         steps: torch.Tensor | int = tokens.steps
@@ -506,7 +509,7 @@ class HydraAttention(HydraCCAProjection):
         keys, values = cache.update(key, value, cache_index, steps=steps, valid=key_valid)
         layer = cache.layers[cache_index]
         new_columns_at = None if static else keys.shape[2] - key.shape[2]
-        return keys, values, layer.column_steps(), layer.column_valid(), new_columns_at
+        return keys, values, layer.column_steps, layer.column_valid(), new_columns_at
 
     def _weights_over_inputs(self, attn_weights, value, tokens: HydraTokens, key_steps, attn_output):
         """Attention weights over input positions (B, H, T, past + T), zeros where a token was skipped; the output
