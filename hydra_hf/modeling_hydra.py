@@ -730,7 +730,18 @@ def _fp32_router_patterns(num_mod: int, num_mor: int, num_moe: int) -> list[str]
 
 
 def cache_argument(cache, past_key_values):
-    """The cache passed as `cache` (transformers >= 5.24) or as `past_key_values` (the name before): one of them."""
+    """The cache passed as `cache` (transformers >= 5.24) or as `past_key_values` (the name before): one of them.
+
+    A non-HYDRA cache that already holds positions (PEFT's prefix tuning injects one) is refused first, with the
+    reason, whichever name it came under."""
+    for given in (cache, past_key_values):
+        if given is not None and not isinstance(given, HydraCacheMixin) and given.get_seq_length() > 0:
+            raise ValueError(
+                f"cache must be a HydraCache or HydraStaticCache, got a {type(given).__name__} holding "
+                f"{given.get_seq_length()} positions. HYDRA caches latent, post-convolution keys per routed layer, "
+                "so standard key/value prefixes cannot be injected: PEFT's prefix tuning is not supported for "
+                "HYDRA (use LoRA, IA3 or prompt tuning, which work on inputs_embeds)"
+            )
     if past_key_values is None:
         return cache
     if cache is not None and cache is not past_key_values:
@@ -1113,14 +1124,7 @@ class HydraModel(HydraPreTrainedModel):
 
     def _prepare_cache(self, cache, use_cache: bool | None, inputs_embeds: torch.Tensor):
         """The cache this forward reads and extends, or None."""
-        if cache is not None and not isinstance(cache, HydraCacheMixin):
-            if cache.get_seq_length() > 0:
-                raise ValueError(
-                    f"cache must be a HydraCache or HydraStaticCache, got a {type(cache).__name__} holding "
-                    f"{cache.get_seq_length()} positions. HYDRA caches latent, post-convolution keys per routed layer, "
-                    "so standard key/value prefixes cannot be injected: PEFT's prefix tuning is not supported for "
-                    "HYDRA (use LoRA, IA3 or prompt tuning, which work on inputs_embeds)"
-                )
+        if cache is not None and not isinstance(cache, HydraCacheMixin):  # (one holding positions: refused above)
             cache = None  # an empty cache of another type (e.g. DynamicCache(config) made by a caller): replaced
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if not use_cache or (self.gradient_checkpointing and self.training):

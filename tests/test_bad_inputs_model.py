@@ -65,6 +65,10 @@ def test_a_non_hydra_cache_with_content_names_the_limitation():
     cache.update(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), 0)
     with pytest.raises(ValueError, match="must be a HydraCache"):
         model(torch.ones(1, 2, dtype=torch.long), cache=cache, use_cache=True)
+    # PEFT's prefix tuning under transformers >= 5.24: its prefix comes as past_key_values while generate() passes
+    # its own cache as `cache`; the reason (prefix tuning) is the error, not the name clash
+    with pytest.raises(ValueError, match="prefix tuning is not supported"):
+        model(torch.ones(1, 2, dtype=torch.long), cache=HydraCache(model.config), past_key_values=cache, use_cache=True)
 
 
 def test_longer_than_max_position_embeddings_warns_naming_the_field(caplog):
