@@ -952,7 +952,8 @@ class HydraModel(HydraPreTrainedModel):
         config = self.config
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        output_router_logits = output_router_logits if output_router_logits is not None else config.output_router_logits
+        if output_router_logits is None:  # (the config has the attribute only with MoE blocks, see `HydraConfig`)
+            output_router_logits = getattr(config, "output_router_logits", False)
         return_dict = return_dict if return_dict is not None else config.return_dict
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")

@@ -110,14 +110,23 @@ def sft_dataset(mode):
     return Dataset.from_dict({"text": [f"def f{i}(x):\n    return x * {i}\n" * (1 + i % 2) for i in range(8)]})
 
 
+# routing off, MoD only, MoR only, everything (MoD with predictor + MoR + MoE). HydraConfig defaults to no MoE, and
+# TRL's trainers take their MoE path whenever the config *has* `output_router_logits`: without MoE blocks the
+# attribute is hidden, so TRL trains HYDRA as a dense model (the routing losses are attached by the backbone).
+SFT_ROUTING = {"off": "dense", "mod": "mod", "mor": "mor_expert", "all": "all"}
+
+
+@pytest.mark.parametrize("routing", list(SFT_ROUTING))
 @pytest.mark.parametrize("mode", ["text", "prompt_completion", "packing_padding_free", "lora"])
-def test_sft_trainer_trains_with_routing_losses(mode, char_tokenizer, tmp_path):
+def test_sft_trainer_trains_with_routing_losses(mode, routing, char_tokenizer, tmp_path):
     trl = pytest.importorskip("trl")
     from peft import LoraConfig
 
-    model = tiny_model(seed=0, vocab_size=len(char_tokenizer), **ROUTING_MODES["all"])
-    model.set_routing(mod_enabled=True, mor_enabled=True)
-    predictor = model.model.mod_routers[0].predictor[0].weight.detach().clone()  # trained only by the MoD BCE
+    overrides = ROUTING_MODES[SFT_ROUTING[routing]]
+    model = tiny_model(seed=0, vocab_size=len(char_tokenizer), **overrides)
+    has_mod, has_mor, has_moe = (overrides.get(k, False) for k in ("mod_enabled", "mor_enabled", "moe_enabled"))
+    model.set_routing(mod_enabled=has_mod, mor_enabled=has_mor)
+    predictor = model.model.mod_routers[0].predictor[0].weight.detach().clone() if routing == "all" else None
     q_proj = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     thresholds = [float(r.threshold) for r in model.model.mod_routers]
     extra = dict(packing=True, padding_free=True) if mode == "packing_padding_free" else {}
@@ -127,23 +136,45 @@ def test_sft_trainer_trains_with_routing_losses(mode, char_tokenizer, tmp_path):
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=sft_dataset(mode),
                              processing_class=char_tokenizer,
                              peft_config=LoraConfig(task_type="CAUSAL_LM") if mode == "lora" else None)
+    assert trainer.aux_loss_enabled == has_moe  # TRL's MoE load-balancing path only for a model with MoE blocks
     add_callbacks(trainer, [RoutingMetricsCallback()])
     trainer.train()
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(e["loss"])) for e in logs)
     for e in logs:  # routing losses logged; the CE our probe reads from TRL's log-probs matches TRL's own loss
-        assert e["train/aux_loss"] > 0 and e["routing/loss/mod_bce"] > 0 and e["routing/loss/mor_bce"] > 0
-        assert e["train/ce_loss"] == pytest.approx(e["loss"] - 0.01 * e["aux_loss"], rel=1e-3)
+        assert ("aux_loss" in e) == has_moe  # TRL's MoE balance loss
+        assert (e.get("routing/loss/mod_bce", 0) > 0) == has_mod and (e.get("routing/loss/mor_bce", 0) > 0) == has_mor
+        if has_mod or has_mor:
+            assert e["train/aux_loss"] > 0
+        assert e["train/ce_loss"] == pytest.approx(e["loss"] - 0.01 * e.get("aux_loss", 0.0), rel=1e-3)
     moved = lambda before, after: not torch.equal(before, after.detach())  # noqa: E731
     if mode == "lora":
         assert not moved(q_proj, model.model.layers[0].self_attn.q_proj.base_layer.weight)
-        assert not moved(predictor, model.model.mod_routers[0].predictor[0].weight)
+        if predictor is not None:
+            assert not moved(predictor, model.model.mod_routers[0].predictor[0].weight)
         assert [float(r.threshold) for r in model.model.mod_routers] == thresholds  # frozen routers
         lora_b = model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
         assert lora_b.abs().max() > 0
     else:
         assert moved(q_proj, model.model.layers[0].self_attn.q_proj.weight)
-        assert moved(predictor, model.model.mod_routers[0].predictor[0].weight)  # the routing aux loss trained it
+        if predictor is not None:
+            assert moved(predictor, model.model.mod_routers[0].predictor[0].weight)  # the routing aux loss trained it
+        if has_mod:
+            assert [float(r.threshold) for r in model.model.mod_routers] != thresholds
+
+
+def test_sft_trainer_moe_coef_on_a_model_without_moe_is_refused(char_tokenizer, tmp_path):
+    """An explicit MoE aux-loss weight on a HYDRA without MoE blocks gets TRL's own "not a Mixture-of-Experts model"
+    error at construction (not an AttributeError at the first logged step); 0.0 is accepted."""
+    trl = pytest.importorskip("trl")
+    model = tiny_model(seed=0, vocab_size=len(char_tokenizer), **ROUTING_MODES["mod"])
+    kwargs = dict(output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True, save_strategy="no")
+    with pytest.raises(ValueError, match="not a Mixture-of-Experts model"):
+        trl.SFTTrainer(model=model, args=trl.SFTConfig(router_aux_loss_coef=0.01, **kwargs),
+                       train_dataset=sft_dataset("text"), processing_class=char_tokenizer)
+    trainer = trl.SFTTrainer(model=model, args=trl.SFTConfig(router_aux_loss_coef=0.0, **kwargs),
+                             train_dataset=sft_dataset("text"), processing_class=char_tokenizer)
+    assert not trainer.aux_loss_enabled
 
 
 # ---------------------------------------------------------------------------- PEFT
