@@ -1,11 +1,12 @@
 """Fine-tuning: loss scaling under gradient accumulation, TRL's SFTTrainer, PEFT adapters, 4-bit loading."""
 
+import copy
 import string
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROUTING_MODES, tiny_model
+from conftest import ROUTING_MODES, rel, tiny_model
 from datasets import Dataset
 from test_training import make_args, make_dataset, make_model
 from transformers import AutoModelForCausalLM, Trainer
@@ -272,3 +273,79 @@ def test_4bit_load_keeps_routers_unquantized_and_qlora_trains(tmp_path):
         optimizer.zero_grad()
         losses.append(float(loss))
     assert losses[-1] < losses[0], losses
+
+
+def test_bnb_4bit_cpu_rule_is_bitsandbytes_own():
+    """`bnb_4bit_cpu_supported` is exactly where bitsandbytes' CPU inference repacking of a 4-bit weight works (the
+    conversion `Linear4bit.forward` runs in eval / no-grad on CPUs with AVX512-BF16; called here directly, so the
+    check does not depend on this machine's CPU)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    from hydra_hf.modeling_hydra import bnb_4bit_cpu_supported
+
+    for out_features in (8, 16, 24, 32, 48, 64, 96, 97, 128):
+        for in_features in (16, 32, 48, 64, 96, 128, 192, 256, 320):
+            layer = torch.nn.Linear(in_features, out_features, bias=False)
+            weight = bnb.nn.Params4bit(layer.weight.data.clone(), requires_grad=False, quant_type="nf4").to("cpu")
+            try:
+                _convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+                packs = True
+            except (AssertionError, RuntimeError):
+                packs = False
+            assert packs == bnb_4bit_cpu_supported(layer), (out_features, in_features)
+
+
+def test_4bit_load_of_a_narrow_model_keeps_the_layers_bnb_cannot_run_unquantized(tmp_path):
+    """hidden 128, compression 4: latent projections 16 / 32 wide (k/v: 16 out, o: 32 in), which bitsandbytes' 4-bit
+    CPU inference cannot run ("N must be divisible by block_n"); they load unquantized, the wide layers in 4-bit, and
+    an eval forward without gradients (the CPU path that crashed) gives the unquantized model's logits closely."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    from hydra_hf.modeling_hydra import bnb_4bit_cpu_supported
+
+    reference = tiny_model(seed=1, hidden_size=128, intermediate_size=256, compression_factor=4, **ROUTING_MODES["all"])
+    reference.save_pretrained(tmp_path / "m")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", quantization_config=config)
+    kinds = {n: type(m) for n, m in model.named_modules()}
+    for name in ("k_proj", "v_proj", "o_proj"):  # (16, 128), (16, 128), (128, 32)
+        assert kinds[f"model.layers.0.self_attn.{name}"] is torch.nn.Linear, name
+    for name in ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj"):  # (32, 128), (256, 128), (128, 256)
+        assert kinds[f"model.layers.0.{name}"] is bnb.nn.Linear4bit, name
+    assert kinds["model.moe_blocks.0.experts.0.up_proj"] is bnb.nn.Linear4bit
+    assert kinds["model.mod_routers.0.proj"] is torch.nn.Linear
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert all(not bnb_4bit_cpu_supported(m) for m in linears if m.in_features == 128 and m.out_features == 16)
+    # the same model with the 4-bit weights dequantized: what the quantized model should compute
+    dequantized = copy.deepcopy(reference).eval()
+    quantized_layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    with torch.no_grad():
+        for name, module in dequantized.named_modules():
+            if name in quantized_layers:
+                weight = quantized_layers[name].weight
+                module.weight.copy_(bnb.functional.dequantize_4bit(weight.data, weight.quant_state))
+    model.eval()
+    reference.eval()
+    x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        quantized, exact, expected = model(x).logits, reference(x).logits, dequantized(x).logits
+        model(x[:, :1])  # a one-token step too
+    assert torch.isfinite(quantized).all()
+    assert rel(quantized, expected) < 0.01, rel(quantized, expected)  # bf16 compute of the 4-bit weights
+    assert rel(quantized, exact) < 0.2, rel(quantized, exact)  # nf4 weights (measured 0.10 here)
+
+
+def test_float16_load_keeps_narrow_layers_in_float16_and_routers_in_float32(tmp_path):
+    """The narrow layers listed for bitsandbytes are ordinary layers: a float16 load does not upcast them (only the
+    routers stay in float32), so the forward runs."""
+    tiny_model(seed=1, hidden_size=128, intermediate_size=256, compression_factor=4, **ROUTING_MODES["mod"]).save_pretrained(
+        tmp_path / "m"
+    )
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float16)
+    assert model.model.layers[0].self_attn.k_proj.weight.dtype == torch.float16
+    assert model.model.layers[0].self_attn.o_proj.weight.dtype == torch.float16
+    assert model.model.mod_routers[0].proj.weight.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 97, (1, 8))).logits.float()).all()
