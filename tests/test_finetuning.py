@@ -1,6 +1,7 @@
 """Fine-tuning: loss scaling under gradient accumulation, TRL's SFTTrainer, PEFT adapters, 4-bit loading."""
 
 import copy
+import json
 import string
 
 import pytest
@@ -12,7 +13,7 @@ from test_training import make_args, make_dataset, make_model
 from transformers import AutoModelForCausalLM, Trainer
 
 import hydra_hf  # noqa: F401
-from hydra_hf.training import RoutingCurriculumCallback, RoutingMetricsCallback, add_callbacks
+from hydra_hf.training import HealthCallback, RoutingCurriculumCallback, RoutingMetricsCallback, add_callbacks
 from hydra_hf.training.data import PackedCollator, build_char_tokenizer
 
 # ---------------------------------------------------------------------------- loss scaling
@@ -138,8 +139,11 @@ def test_sft_trainer_trains_with_routing_losses(mode, routing, char_tokenizer, t
                              processing_class=char_tokenizer,
                              peft_config=LoraConfig(task_type="CAUSAL_LM") if mode == "lora" else None)
     assert trainer.aux_loss_enabled == has_moe  # TRL's MoE load-balancing path only for a model with MoE blocks
-    add_callbacks(trainer, [RoutingMetricsCallback()])
+    add_callbacks(trainer, [RoutingMetricsCallback(), HealthCallback(frozen_check_steps=0)])
     trainer.train()
+    health = json.loads((tmp_path / "health.json").read_text())  # LoRA: the frozen base model is expected
+    assert health["peft"] == (mode == "lora") and bool(health["parameters"]["requires_grad_false"]) == (mode == "lora")
+    assert not any("requires_grad" in a for a in health["alerts"])
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(e["loss"])) for e in logs)
     for e in logs:  # routing losses logged; the CE our probe reads from TRL's log-probs matches TRL's own loss
