@@ -992,8 +992,9 @@ class HydraModel(HydraPreTrainedModel):
         config = self.config
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        if output_router_logits is None:  # (the config has the attribute only with MoE blocks, see `HydraConfig`)
-            output_router_logits = getattr(config, "output_router_logits", False)
+        if output_router_logits is None:  # (the config has the attribute only with MoE blocks, see `HydraConfig`;
+            # not `getattr(..., False)`: torch.compile would guard on the missing attribute)
+            output_router_logits = config.has_moe_blocks and config.output_router_logits
         return_dict = return_dict if return_dict is not None else config.return_dict
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")

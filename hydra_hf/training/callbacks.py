@@ -689,9 +689,11 @@ class HealthCallback(TrainerCallback, ExportableState):
         for name in names:
             group = self.groups.get(name) or parameter_group(name)
             out.setdefault(group, []).append(name)
-        total = {}
-        for group in self.groups.values():
-            total[group] = total.get(group, 0) + 1
+        total = {}  # the group's parameters (requires_grad=False entries) or its trainable ones (not-updating)
+        frozen = set(self.requires_grad_false)
+        for name, group in self.groups.items():
+            if not trainable or name not in frozen:
+                total[group] = total.get(group, 0) + 1
         return [
             {"group": g, "trainable": trainable, "issue": issue, "count": len(ns), "of": total.get(g, len(ns)),
              "names": ns}
