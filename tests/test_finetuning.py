@@ -267,6 +267,9 @@ def test_4bit_load_keeps_routers_unquantized_and_qlora_trains(tmp_path):
     model.set_routing(mod_enabled=True, mor_enabled=True)
     model = get_peft_model(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False),
                            LoraConfig(task_type="CAUSAL_LM", r=4))
+    # training mode, as the Trainer sets it: in eval mode without input gradients bitsandbytes' CPU path repacks the
+    # 4-bit weights for its inference kernel, which has no autograd ("an autograd kernel was not registered")
+    model.train()
     x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
@@ -275,7 +278,7 @@ def test_4bit_load_keeps_routers_unquantized_and_qlora_trains(tmp_path):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0], losses
 
 
