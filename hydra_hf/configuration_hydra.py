@@ -174,7 +174,10 @@ class HydraConfig(PreTrainedConfig):
         moe_z_loss_coef (`float`, *optional*, defaults to 0.001):
             Weight of the MoE router z-loss.
         output_router_logits (`bool`, *optional*, defaults to `False`):
-            Return the MoE router logits in the output's `routing` record.
+            Return the MoE router logits (`router_logits`, as Mixtral). The attribute exists only on a config with
+            MoE blocks (`has_moe_blocks`): TRL and other Mixtral-style code read its presence as "this model returns
+            router logits for a load-balancing loss", which a HYDRA without MoE does not (read it with
+            `getattr(config, "output_router_logits", False)`; the value is still stored and saved).
         static_routing (`bool`, *optional*, defaults to `False`):
             Compute every token and weight outputs by the router instead of gathering (fixed shapes).
         kernel_backend (`str`, *optional*, defaults to `"auto"`):
@@ -291,6 +294,32 @@ class HydraConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         # Plain ValueError at construction (strict's validate(), which runs next, wraps it in its own type).
         self.validate_architecture()
+
+    # ------------------------------------------------------------------ MoE presence
+    @property
+    def has_moe_blocks(self) -> bool:
+        """Whether the model has MoE blocks (`moe_enabled` and `moe_num_layers` > 0)."""
+        return bool(self.moe_enabled) and self.moe_num_layers > 0
+
+    def __getattribute__(self, key):
+        # `output_router_logits` is hidden on a config without MoE blocks: TRL's trainers (SFT, DPO, GRPO, RLOO, KTO)
+        # take their MoE path when the config *has* the attribute, ask for router logits, get none, and then crash
+        # on Mixtral's load-balancing loss of nothing (an int 0: `'int' object has no attribute 'mean'`). Without
+        # the attribute they treat HYDRA as the dense model it is (an explicit `router_aux_loss_coef` gets TRL's own
+        # "not a Mixture-of-Experts model" error). The routing losses of MoD / MoR still train the routers: the
+        # backbone attaches them to its output's gradient.
+        if key == "output_router_logits" and not super().__getattribute__("has_moe_blocks"):
+            raise AttributeError(
+                "'HydraConfig' has no attribute 'output_router_logits' when the model has no MoE blocks "
+                "(moe_enabled=False or moe_num_layers=0): it returns no router logits. "
+                "Use getattr(config, 'output_router_logits', False)"
+            )
+        return super().__getattribute__(key)
+
+    def __iter__(self):
+        # hidden like transformers' own per-layer attributes of heterogeneous configs: not exposed by iteration
+        hidden = not self.has_moe_blocks
+        yield from (key for key in super().__iter__() if not (hidden and key == "output_router_logits"))
 
     # ------------------------------------------------------------------ derived sizes
     @staticmethod

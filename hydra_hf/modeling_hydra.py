@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import inspect
+import re
 from dataclasses import dataclass
 
 import torch
@@ -729,6 +730,32 @@ def _fp32_router_patterns(num_mod: int, num_mor: int, num_moe: int) -> list[str]
     return patterns
 
 
+# bitsandbytes (0.50) runs a 4-bit layer's eval-mode, no-grad CPU forward (on CPUs with AVX512-BF16) on a repacked
+# weight (`bitsandbytes.functional._convert_weight_packed_for_cpu`, called by `Linear4bit.forward`): its out_features
+# must be a multiple of the packing block (32; else "AssertionError: N must be divisible by block_n") and its
+# in_features of the 4-bit quantization block (64, the size transformers' BitsAndBytesConfig always uses; else the
+# per-block scales cannot be reshaped to (out, in / 64): "RuntimeError: shape '[N, 0]' is invalid ..."). Checked
+# for every out in 8..128 and in 16..320 in tests/test_finetuning.py. HYDRA's latent projections are narrow
+# (hidden / compression_factor), so a small model has such layers; they are kept unquantized (in the load dtype).
+BNB_4BIT_CPU_OUT_MULTIPLE = 32
+BNB_4BIT_CPU_IN_MULTIPLE = 64
+
+
+def bnb_4bit_cpu_supported(layer: nn.Linear) -> bool:
+    """Whether bitsandbytes' 4-bit CPU inference path can run this `Linear` once quantized (see above)."""
+    return layer.out_features % BNB_4BIT_CPU_OUT_MULTIPLE == 0 and layer.in_features % BNB_4BIT_CPU_IN_MULTIPLE == 0
+
+
+def _not_4bit_quantizable_patterns(modules) -> list[str]:
+    """Module-name patterns (the router patterns' form) of the `nn.Linear`s in `modules` ((name, module) pairs) that
+    bitsandbytes' 4-bit CPU path cannot run."""
+    return [
+        r"(?:[\w.]+\.)?" + re.escape(name)
+        for name, module in modules
+        if type(module) is nn.Linear and not bnb_4bit_cpu_supported(module)
+    ]
+
+
 def cache_argument(cache, past_key_values):
     """The cache passed as `cache` (transformers >= 5.24) or as `past_key_values` (the name before): one of them.
 
@@ -870,6 +897,15 @@ class HydraPreTrainedModel(PreTrainedModel):
         super().__init__(config, *inputs, **kwargs)
         register_peft_defaults()  # PEFT's default target modules for model_type "hydra" (see peft_hydra.py)
 
+    # Layers bitsandbytes' 4-bit CPU path cannot run (`_not_4bit_quantizable_patterns`): listed in
+    # `_keep_in_fp32_modules` too, since that is what transformers' quantizers read as modules not to convert, but
+    # left out of the float16 upcast (`_get_dtype_plan`): they are ordinary layers and run in the load dtype.
+    _not_4bit_quantizable: list[str] = []
+
+    def _get_dtype_plan(self, dtype: torch.dtype) -> dict:
+        plan = super()._get_dtype_plan(dtype)
+        return {k: v for k, v in plan.items() if k not in self._not_4bit_quantizable}
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' `save_pretrained`, validating the config first: an invalid config (e.g. a field changed
         after construction) writes nothing, not even the remote-code files, and leaves an earlier save intact."""
@@ -945,7 +981,11 @@ class HydraModel(HydraPreTrainedModel):
         self.rotary_emb = HydraRotaryEmbedding(config)
         self.routing_state = RoutingState.from_config(config)
         self.num_recursion_groups = num_recursion_groups(self.plan)
-        self._keep_in_fp32_modules = _fp32_router_patterns(num_mod, num_mor, num_moe)
+        routers = re.compile(r"mo[dr]_routers\.|moe_blocks\.\d+\.gate$")  # unquantized already (above)
+        self._not_4bit_quantizable = _not_4bit_quantizable_patterns(
+            (name, module) for name, module in self.named_modules() if not routers.match(name)
+        )
+        self._keep_in_fp32_modules = _fp32_router_patterns(num_mod, num_mor, num_moe) + self._not_4bit_quantizable
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -994,7 +1034,9 @@ class HydraModel(HydraPreTrainedModel):
         config = self.config
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        output_router_logits = output_router_logits if output_router_logits is not None else config.output_router_logits
+        if output_router_logits is None:  # (the config has the attribute only with MoE blocks, see `HydraConfig`;
+            # not `getattr(..., False)`: torch.compile would guard on the missing attribute)
+            output_router_logits = config.has_moe_blocks and config.output_router_logits
         return_dict = return_dict if return_dict is not None else config.return_dict
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -1157,6 +1199,11 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
         self.model = HydraModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # (transformers never quantizes lm_head unless llm_int8_skip_modules replaces its default skips)
+        self._not_4bit_quantizable = self.model._not_4bit_quantizable + _not_4bit_quantizable_patterns(
+            [("lm_head", self.lm_head)]
+        )
+        self._keep_in_fp32_modules = list(self._not_4bit_quantizable)  # post_init adds the backbone's routers
         self.post_init()
         # a tied lm_head is never saved; listing it lets the Trainer's resume re-tie it quietly instead of
         # warning "There were missing keys in the checkpoint model loaded: ['lm_head.weight']"

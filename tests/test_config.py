@@ -246,3 +246,22 @@ def test_changing_a_size_by_assignment_asks_for_head_dim():
     config.head_dim = None
     with pytest.raises(ValueError, match="head_dim is None"):
         config.check_hydra_fields()
+
+
+def test_output_router_logits_exists_only_with_moe_blocks(tmp_path):
+    """TRL (SFT/DPO/GRPO/RLOO/KTO) takes its MoE load-balancing path when the config *has* `output_router_logits`; a
+    HYDRA without MoE blocks returns no router logits, so its config does not expose the attribute (the value is
+    still stored and round-trips), like transformers' hidden per-layer attributes."""
+    dense = HydraConfig(output_router_logits=True)
+    assert not dense.has_moe_blocks and not hasattr(dense, "output_router_logits")
+    assert getattr(dense, "output_router_logits", False) is False
+    assert "output_router_logits" not in list(dense)
+    with pytest.raises(AttributeError, match="no MoE blocks"):
+        dense.output_router_logits
+    assert not hasattr(HydraConfig(moe_enabled=True, moe_num_layers=0), "output_router_logits")
+    moe = HydraConfig(moe_enabled=True, moe_num_layers=1, output_router_logits=True)
+    assert moe.has_moe_blocks and moe.output_router_logits is True and "output_router_logits" in list(moe)
+    dense.save_pretrained(tmp_path)
+    assert HydraConfig.from_pretrained(tmp_path).to_dict()["output_router_logits"] is True
+    reloaded = HydraConfig.from_pretrained(tmp_path, moe_enabled=True, moe_num_layers=1)
+    assert reloaded.output_router_logits is True

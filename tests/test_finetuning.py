@@ -1,17 +1,19 @@
 """Fine-tuning: loss scaling under gradient accumulation, TRL's SFTTrainer, PEFT adapters, 4-bit loading."""
 
+import copy
+import json
 import string
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROUTING_MODES, tiny_model
+from conftest import ROUTING_MODES, rel, tiny_model
 from datasets import Dataset
 from test_training import make_args, make_dataset, make_model
 from transformers import AutoModelForCausalLM, Trainer
 
 import hydra_hf  # noqa: F401
-from hydra_hf.training import RoutingCurriculumCallback, RoutingMetricsCallback, add_callbacks
+from hydra_hf.training import HealthCallback, RoutingCurriculumCallback, RoutingMetricsCallback, add_callbacks
 from hydra_hf.training.data import PackedCollator, build_char_tokenizer
 
 # ---------------------------------------------------------------------------- loss scaling
@@ -110,14 +112,23 @@ def sft_dataset(mode):
     return Dataset.from_dict({"text": [f"def f{i}(x):\n    return x * {i}\n" * (1 + i % 2) for i in range(8)]})
 
 
+# routing off, MoD only, MoR only, everything (MoD with predictor + MoR + MoE). HydraConfig defaults to no MoE, and
+# TRL's trainers take their MoE path whenever the config *has* `output_router_logits`: without MoE blocks the
+# attribute is hidden, so TRL trains HYDRA as a dense model (the routing losses are attached by the backbone).
+SFT_ROUTING = {"off": "dense", "mod": "mod", "mor": "mor_expert", "all": "all"}
+
+
+@pytest.mark.parametrize("routing", list(SFT_ROUTING))
 @pytest.mark.parametrize("mode", ["text", "prompt_completion", "packing_padding_free", "lora"])
-def test_sft_trainer_trains_with_routing_losses(mode, char_tokenizer, tmp_path):
+def test_sft_trainer_trains_with_routing_losses(mode, routing, char_tokenizer, tmp_path):
     trl = pytest.importorskip("trl")
     from peft import LoraConfig
 
-    model = tiny_model(seed=0, vocab_size=len(char_tokenizer), **ROUTING_MODES["all"])
-    model.set_routing(mod_enabled=True, mor_enabled=True)
-    predictor = model.model.mod_routers[0].predictor[0].weight.detach().clone()  # trained only by the MoD BCE
+    overrides = ROUTING_MODES[SFT_ROUTING[routing]]
+    model = tiny_model(seed=0, vocab_size=len(char_tokenizer), **overrides)
+    has_mod, has_mor, has_moe = (overrides.get(k, False) for k in ("mod_enabled", "mor_enabled", "moe_enabled"))
+    model.set_routing(mod_enabled=has_mod, mor_enabled=has_mor)
+    predictor = model.model.mod_routers[0].predictor[0].weight.detach().clone() if routing == "all" else None
     q_proj = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     thresholds = [float(r.threshold) for r in model.model.mod_routers]
     extra = dict(packing=True, padding_free=True) if mode == "packing_padding_free" else {}
@@ -127,23 +138,48 @@ def test_sft_trainer_trains_with_routing_losses(mode, char_tokenizer, tmp_path):
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=sft_dataset(mode),
                              processing_class=char_tokenizer,
                              peft_config=LoraConfig(task_type="CAUSAL_LM") if mode == "lora" else None)
-    add_callbacks(trainer, [RoutingMetricsCallback()])
+    assert trainer.aux_loss_enabled == has_moe  # TRL's MoE load-balancing path only for a model with MoE blocks
+    add_callbacks(trainer, [RoutingMetricsCallback(), HealthCallback(frozen_check_steps=0)])
     trainer.train()
+    health = json.loads((tmp_path / "health.json").read_text())  # LoRA: the frozen base model is expected
+    assert health["peft"] == (mode == "lora") and bool(health["parameters"]["requires_grad_false"]) == (mode == "lora")
+    assert not any("requires_grad" in a for a in health["alerts"])
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(e["loss"])) for e in logs)
     for e in logs:  # routing losses logged; the CE our probe reads from TRL's log-probs matches TRL's own loss
-        assert e["train/aux_loss"] > 0 and e["routing/loss/mod_bce"] > 0 and e["routing/loss/mor_bce"] > 0
-        assert e["train/ce_loss"] == pytest.approx(e["loss"] - 0.01 * e["aux_loss"], rel=1e-3)
+        assert ("aux_loss" in e) == has_moe  # TRL's MoE balance loss
+        assert (e.get("routing/loss/mod_bce", 0) > 0) == has_mod and (e.get("routing/loss/mor_bce", 0) > 0) == has_mor
+        if has_mod or has_mor:
+            assert e["train/aux_loss"] > 0
+        assert e["train/ce_loss"] == pytest.approx(e["loss"] - 0.01 * e.get("aux_loss", 0.0), rel=1e-3)
     moved = lambda before, after: not torch.equal(before, after.detach())  # noqa: E731
     if mode == "lora":
         assert not moved(q_proj, model.model.layers[0].self_attn.q_proj.base_layer.weight)
-        assert not moved(predictor, model.model.mod_routers[0].predictor[0].weight)
+        if predictor is not None:
+            assert not moved(predictor, model.model.mod_routers[0].predictor[0].weight)
         assert [float(r.threshold) for r in model.model.mod_routers] == thresholds  # frozen routers
         lora_b = model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
         assert lora_b.abs().max() > 0
     else:
         assert moved(q_proj, model.model.layers[0].self_attn.q_proj.weight)
-        assert moved(predictor, model.model.mod_routers[0].predictor[0].weight)  # the routing aux loss trained it
+        if predictor is not None:
+            assert moved(predictor, model.model.mod_routers[0].predictor[0].weight)  # the routing aux loss trained it
+        if has_mod:
+            assert [float(r.threshold) for r in model.model.mod_routers] != thresholds
+
+
+def test_sft_trainer_moe_coef_on_a_model_without_moe_is_refused(char_tokenizer, tmp_path):
+    """An explicit MoE aux-loss weight on a HYDRA without MoE blocks gets TRL's own "not a Mixture-of-Experts model"
+    error at construction (not an AttributeError at the first logged step); 0.0 is accepted."""
+    trl = pytest.importorskip("trl")
+    model = tiny_model(seed=0, vocab_size=len(char_tokenizer), **ROUTING_MODES["mod"])
+    kwargs = dict(output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True, save_strategy="no")
+    with pytest.raises(ValueError, match="not a Mixture-of-Experts model"):
+        trl.SFTTrainer(model=model, args=trl.SFTConfig(router_aux_loss_coef=0.01, **kwargs),
+                       train_dataset=sft_dataset("text"), processing_class=char_tokenizer)
+    trainer = trl.SFTTrainer(model=model, args=trl.SFTConfig(router_aux_loss_coef=0.0, **kwargs),
+                             train_dataset=sft_dataset("text"), processing_class=char_tokenizer)
+    assert not trainer.aux_loss_enabled
 
 
 # ---------------------------------------------------------------------------- PEFT
@@ -231,6 +267,9 @@ def test_4bit_load_keeps_routers_unquantized_and_qlora_trains(tmp_path):
     model.set_routing(mod_enabled=True, mor_enabled=True)
     model = get_peft_model(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False),
                            LoraConfig(task_type="CAUSAL_LM", r=4))
+    # training mode, as the Trainer sets it: in eval mode without input gradients bitsandbytes' CPU path repacks the
+    # 4-bit weights for its inference kernel, which has no autograd ("an autograd kernel was not registered")
+    model.train()
     x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
@@ -239,5 +278,81 @@ def test_4bit_load_keeps_routers_unquantized_and_qlora_trains(tmp_path):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0], losses
+
+
+def test_bnb_4bit_cpu_rule_is_bitsandbytes_own():
+    """`bnb_4bit_cpu_supported` is exactly where bitsandbytes' CPU inference repacking of a 4-bit weight works (the
+    conversion `Linear4bit.forward` runs in eval / no-grad on CPUs with AVX512-BF16; called here directly, so the
+    check does not depend on this machine's CPU)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    from hydra_hf.modeling_hydra import bnb_4bit_cpu_supported
+
+    for out_features in (8, 16, 24, 32, 48, 64, 96, 97, 128):
+        for in_features in (16, 32, 48, 64, 96, 128, 192, 256, 320):
+            layer = torch.nn.Linear(in_features, out_features, bias=False)
+            weight = bnb.nn.Params4bit(layer.weight.data.clone(), requires_grad=False, quant_type="nf4").to("cpu")
+            try:
+                _convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+                packs = True
+            except (AssertionError, RuntimeError):
+                packs = False
+            assert packs == bnb_4bit_cpu_supported(layer), (out_features, in_features)
+
+
+def test_4bit_load_of_a_narrow_model_keeps_the_layers_bnb_cannot_run_unquantized(tmp_path):
+    """hidden 128, compression 4: latent projections 16 / 32 wide (k/v: 16 out, o: 32 in), which bitsandbytes' 4-bit
+    CPU inference cannot run ("N must be divisible by block_n"); they load unquantized, the wide layers in 4-bit, and
+    an eval forward without gradients (the CPU path that crashed) gives the unquantized model's logits closely."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    from hydra_hf.modeling_hydra import bnb_4bit_cpu_supported
+
+    reference = tiny_model(seed=1, hidden_size=128, intermediate_size=256, compression_factor=4, **ROUTING_MODES["all"])
+    reference.save_pretrained(tmp_path / "m")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", quantization_config=config)
+    kinds = {n: type(m) for n, m in model.named_modules()}
+    for name in ("k_proj", "v_proj", "o_proj"):  # (16, 128), (16, 128), (128, 32)
+        assert kinds[f"model.layers.0.self_attn.{name}"] is torch.nn.Linear, name
+    for name in ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj"):  # (32, 128), (256, 128), (128, 256)
+        assert kinds[f"model.layers.0.{name}"] is bnb.nn.Linear4bit, name
+    assert kinds["model.moe_blocks.0.experts.0.up_proj"] is bnb.nn.Linear4bit
+    assert kinds["model.mod_routers.0.proj"] is torch.nn.Linear
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert all(not bnb_4bit_cpu_supported(m) for m in linears if m.in_features == 128 and m.out_features == 16)
+    # the same model with the 4-bit weights dequantized: what the quantized model should compute
+    dequantized = copy.deepcopy(reference).eval()
+    quantized_layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    with torch.no_grad():
+        for name, module in dequantized.named_modules():
+            if name in quantized_layers:
+                weight = quantized_layers[name].weight
+                module.weight.copy_(bnb.functional.dequantize_4bit(weight.data, weight.quant_state))
+    model.eval()
+    reference.eval()
+    x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        quantized, exact, expected = model(x).logits, reference(x).logits, dequantized(x).logits
+        model(x[:, :1])  # a one-token step too
+    assert torch.isfinite(quantized).all()
+    assert rel(quantized, expected) < 0.01, rel(quantized, expected)  # bf16 compute of the 4-bit weights
+    assert rel(quantized, exact) < 0.2, rel(quantized, exact)  # nf4 weights (measured 0.10 here)
+
+
+def test_float16_load_keeps_narrow_layers_in_float16_and_routers_in_float32(tmp_path):
+    """The narrow layers listed for bitsandbytes are ordinary layers: a float16 load does not upcast them (only the
+    routers stay in float32), so the forward runs."""
+    tiny_model(seed=1, hidden_size=128, intermediate_size=256, compression_factor=4, **ROUTING_MODES["mod"]).save_pretrained(
+        tmp_path / "m"
+    )
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float16)
+    assert model.model.layers[0].self_attn.k_proj.weight.dtype == torch.float16
+    assert model.model.layers[0].self_attn.o_proj.weight.dtype == torch.float16
+    assert model.model.mod_routers[0].proj.weight.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 97, (1, 8))).logits.float()).all()

@@ -1,11 +1,14 @@
 """Training through the stock `transformers.Trainer`: curriculum, resume, best checkpoint, health, optimisers."""
 
+import json
+import logging
 import math
 
 import pytest
 import torch
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.testing_utils import CaptureLogger
 
 import hydra_hf  # noqa: F401
 from hydra_hf import HydraConfig, HydraForCausalLM
@@ -217,6 +220,224 @@ def test_health_all_parameters_move_with_routing(tmp_path):
     health = HealthCallback(frozen_check_steps=4, frozen_action="raise")
     run(tmp_path / "moves", callbacks=[health], max_steps=4, save_strategy="no")
     assert health.frozen_parameters == []
+
+
+def write_history(trainer, out):
+    """What hydra-train writes for hydra-report: the log history as JSON lines."""
+    with open(out / "log_history.jsonl", "w") as f:
+        for entry in trainer.state.log_history:
+            f.write(json.dumps(entry) + "\n")
+
+
+def test_frozen_norms_are_reported_in_logs_health_file_and_report(tmp_path):
+    """The seed project's failure: every RMSNorm frozen with requires_grad=False. Reported by group ("norms",
+    trainable: no) in log_history, health.json and the report's Health section, and as a warning."""
+    from hydra_hf.cli.report import build_report
+
+    model = make_model()
+    norms = [n for n, m in model.named_modules() if type(m).__name__ == "HydraRMSNorm"]
+    for name in norms:
+        model.get_submodule(name).weight.requires_grad_(False)
+    out = tmp_path / "norms"
+    trainer = Trainer(model=model, args=make_args(out, max_steps=3, save_strategy="no"), train_dataset=make_dataset(),
+                      data_collator=PackedCollator())
+    health = HealthCallback(frozen_check_steps=2)
+    add_callbacks(trainer, [RoutingMetricsCallback(), health])
+    with CaptureLogger(logging.getLogger("hydra_hf.training")) as captured:
+        trainer.train()
+    assert "requires_grad=False" in captured.out and "norms: 5 of 5" in captured.out
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert logs[0]["health/frozen/norms"] == len(norms) == 5
+    assert not any(k.startswith("health/frozen/") and k != "health/frozen/norms" for k in logs[0])
+
+    record = json.loads((out / "health.json").read_text())
+    (entry,) = record["parameters"]["requires_grad_false"]
+    assert entry["group"] == "norms" and entry["trainable"] is False and entry["count"] == entry["of"] == 5
+    assert sorted(entry["names"]) == sorted(f"{n}.weight" for n in norms)
+    assert record["parameters"]["not_updating"] == [] and record["parameters"]["not_updating_checked"]
+    assert record["alerts"] == ["norms: 5 of 5 parameters have requires_grad=False"]
+
+    write_history(trainer, out)
+    report = open(build_report(str(out))).read()
+    health_part = report.split("## Health", 1)[1]
+    assert "norms: 5 of 5 parameters have requires_grad=False" in health_part
+    assert "| norms | no | requires_grad=False | 5 of 5 | `model.layers.0.input_layernorm.weight`, " in health_part
+    assert "(+2 more) |" in health_part
+
+
+def test_parameter_left_out_of_the_optimizer_is_reported_by_group(tmp_path):
+    model = make_model()
+    params = [p for n, p in model.named_parameters() if n != "model.layers.0.self_attn.q_proj.weight"]
+    out = tmp_path / "lr0"
+    trainer = Trainer(model=model, args=make_args(out, max_steps=2, save_strategy="no"), train_dataset=make_dataset(),
+                      data_collator=PackedCollator(), optimizers=(torch.optim.AdamW(params, lr=1e-3), None))
+    add_callbacks(trainer, [HealthCallback(frozen_check_steps=2)])
+    trainer.train()
+    record = json.loads((out / "health.json").read_text())
+    (entry,) = record["parameters"]["not_updating"]
+    assert (entry["group"], entry["trainable"], entry["names"]) == (
+        "attention", True, ["model.layers.0.self_attn.q_proj.weight"])
+    assert record["alerts"] == ["attention: 1 of 18 trainable parameters did not change in 2 steps"]
+    assert [e for e in trainer.state.log_history if "loss" in e][-1]["health/not_updating/attention"] == 1.0
+
+
+def test_parameter_groups():
+    from hydra_hf.training import parameter_group
+
+    model = make_model(moe_enabled=True, moe_num_layers=1, tie_word_embeddings=False)
+    modules = dict(model.named_modules())
+    groups = {n: parameter_group(n, modules.get(n.rpartition(".")[0])) for n, _ in model.named_parameters()}
+    expected = {
+        "model.embed_tokens.weight": "embeddings", "lm_head.weight": "embeddings",
+        "model.recursion_embedding": "embeddings", "model.layers.0.self_attn.q_seq_conv": "attention",
+        "model.layers.0.self_attn.o_proj.weight": "attention", "model.layers.1.mlp.down_proj.weight": "mlp",
+        "model.layers.0.input_layernorm.weight": "norms", "model.moe_blocks.0.norm.weight": "norms",
+        "model.norm.weight": "norms", "model.mod_routers.0.proj.weight": "routers",
+        "model.mor_routers.0.proj.bias": "routers", "model.moe_blocks.0.gate.weight": "routers",
+        "model.moe_blocks.0.experts.1.up_proj.weight": "experts",
+    }
+    assert {n: groups[n] for n in expected} == expected
+    assert "other" not in groups.values()
+    assert parameter_group("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight") == "adapters"
+    assert parameter_group("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight") == "attention"
+
+
+def test_collapsed_router_is_reported_in_logs_health_file_and_report(tmp_path):
+    """MoD and MoR routers whose inference rule (logit > 0, raw logits with router_threshold_momentum=0) keeps
+    every token / sends every token to the last recursion: the evaluation logs count them, health.json and the
+    report name them as still collapsed; training's top-k (capacity 0.75 / 0.5) does not collapse."""
+    from hydra_hf.cli.report import build_report
+
+    model = make_model(router_threshold_momentum=0.0)
+    with torch.no_grad():
+        for router in model.model.mod_routers:
+            router.proj.bias.fill_(50.0)  # every token selected
+        for router in model.model.mor_routers:
+            router.proj.bias.fill_(50.0)  # every token continues: all at depth 2
+    out = tmp_path / "collapsed"
+    args = make_args(out, max_steps=2, save_strategy="no", eval_strategy="steps", eval_steps=2, learning_rate=1e-4)
+    trainer = Trainer(model=model, args=args, train_dataset=make_dataset(), eval_dataset=make_dataset(16, seed=1),
+                      data_collator=PackedCollator())
+    cur = RoutingCurriculumCallback(mod_off_fraction=0.0, mod_force_fraction=0.0, mor_start_fraction=0.0,
+                                    mor_full_fraction=0.0, mor_capacity=0.5, mod_loss_gate=100.0)
+    add_callbacks(trainer, [cur, RoutingMetricsCallback(), HealthCallback(frozen_check_steps=0)])
+    trainer.train()
+    (evaluation,) = [e for e in trainer.state.log_history if "eval_loss" in e]
+    assert evaluation["eval_routing/mod_fraction/layer_1"] == 1.0
+    assert evaluation["eval_health/collapsed_routers"] == 4.0  # MoD layers 1 and 3, MoR blocks 0 and 1
+    assert all(e["health/collapsed_routers"] == 0.0 for e in trainer.state.log_history if "loss" in e)  # top-k
+
+    record = json.loads((out / "health.json").read_text())
+    collapsed = {(e["router"], e["mode"]): e for e in record["collapsed_routers"]}
+    assert set(collapsed) == {("MoD layer 1", "eval"), ("MoD layer 3", "eval"), ("MoR block 0", "eval"),
+                              ("MoR block 1", "eval")}
+    assert collapsed[("MoD layer 1", "eval")]["what"] == "selects every token"
+    assert collapsed[("MoR block 0", "eval")]["what"] == "sends every token to depth 2"
+    assert all(e["collapsed_now"] and e["first_step"] == e["last_step"] == 2 for e in collapsed.values())
+    assert len(record["alerts"]) == 4 and all("still at step 2" in a for a in record["alerts"])
+
+    write_history(trainer, out)
+    health_part = open(build_report(str(out))).read().split("## Health", 1)[1]
+    assert "| MoD layer 1 | eval | selects every token | 1.000 | 2 | 2 | 1 | still collapsed |" in health_part
+    assert "| MoR block 1 | eval | sends every token to depth 2 |" in health_part
+
+
+def test_collapse_rules():
+    """Unit check of the all-or-nothing rules on summaries (MoE included), with the switches that make all / none
+    legitimate: MoD off or at capacity 1, MoR off or at capacity 1, MoE dense warmup or forced routing."""
+    from types import SimpleNamespace
+
+    from hydra_hf.routing_hydra import RoutingState
+
+    health = HealthCallback()
+    config = SimpleNamespace(num_experts_per_tok=1)
+
+    def found(summary, **state):
+        model = SimpleNamespace(routing_state=RoutingState(**state), config=config)
+        return sorted((router, what) for _, router, what, _ in health._collapses(summary, model))
+
+    summary = {"routing/mod_fraction/layer_1": 1.0, "routing/mod_fraction/layer_3": 0.005,
+               "routing/mod_fraction/layer_5": 0.5, "routing/mor_depth_hist/block_0": [0.0, 0.995],
+               "routing/mor_depth_hist/block_1": [0.3, 0.7], "routing/mor_depth_hist/block_2": [1.0, 0.0],
+               "routing/moe_tokens/block_0": [40.0, 0.0, 0.0], "routing/moe_tokens/block_1": [30.0, 9.0, 1.0]}
+    moe = ("MoE block 0", "sends every token to expert(s) 0")
+    everything = [("MoD layer 1", "selects every token"), ("MoD layer 3", "selects no token"), moe,
+                  ("MoR block 0", "sends every token to depth 2"), ("MoR block 2", "sends every token to depth 1")]
+    assert found(summary, mod_enabled=True, mor_enabled=True, mor_capacity=0.5) == everything
+    assert found(summary, mod_enabled=True, mod_capacity=1.0, mor_enabled=True, mor_capacity=None) == [
+        e for e in everything if e[0] != "MoD layer 1"]
+    # MoR at capacity 1: every token at full depth (block 0) is expected, every token at depth 1 (block 2) is not
+    assert found(summary, mor_enabled=True, mor_capacity=[1.0]) == [moe, ("MoR block 2", "sends every token to depth 1")]
+    assert found(summary) == [moe]  # MoD and MoR off
+    assert found(summary, moe_dense=True) == found(summary, moe_forced={0: 0}) == []
+    config.num_experts_per_tok = 2  # top-2 of 3: the 2 busiest experts get every slot of block 0 and 97.5% of block 1
+    assert found(summary) == [("MoE block 0", "sends every token to expert(s) 0, 1")]
+
+
+class FakeState:
+    def __init__(self):
+        self.global_step, self.log_history, self.is_world_process_zero, self.stateful_callbacks = 0, [], True, {}
+
+
+def test_spikes_and_grad_norm_outliers_are_logged_and_recorded(tmp_path):
+    """Without the LR cooldown (spike_cooldown_steps=0) a spike is still recorded; a logged grad_norm far above the
+    median of the previous ones is an outlier; both counted in the logs and listed in health.json."""
+    health = HealthCallback(frozen_check_steps=0, spike_window=10)
+    args, state = TrainingArguments(str(tmp_path), report_to="none", use_cpu=True), FakeState()
+
+    class Probe:
+        value = 1.0
+
+        def step_value(self, step):
+            return (self.value, 0.0)
+
+    health._probe = Probe()
+    norms = [1.0, 1.1, 0.9, 1.0, 1.05, 1.0, 12.0, 1.0]
+    losses = [1.0, 1.01, 1.02, 1.0, 1.01, 1.02, 1.0, 9.0]
+    for step, (norm, loss) in enumerate(zip(norms, losses), start=1):
+        state.global_step = step
+        health._probe.value = loss
+        health.on_step_end(args, state, None, optimizer=None)
+        logs = {"loss": loss, "grad_norm": norm, "step": step}
+        state.log_history.append(dict(logs))
+        health.on_log(args, state, None, logs=logs)
+    assert state.log_history[-1]["health/grad_norm_outliers"] == 1.0 and state.log_history[-1]["health/spikes"] == 1.0
+    assert state.log_history[-3]["health/grad_norm_outliers"] == 0.0
+    record = json.loads((tmp_path / "health.json").read_text())
+    assert record["grad_norm_outliers"] == [{"step": 7, "grad_norm": 12.0, "median": 1.0}]
+    assert [(s["step"], s["loss"]) for s in record["loss_spikes"]] == [(8, 9.0)]
+    assert record["alerts"] == ["1 loss spike(s), steps 8", "1 gradient-norm outlier(s), steps 7"]
+    assert health.cooldown_left == 0  # recorded only
+
+
+def test_healthy_run_reports_nothing_alarming(tmp_path):
+    """MoD + MoR + MoE from the first step, evaluations every 4 steps: no frozen or idle parameter, no spike, no
+    outlier, no collapsed router (routers' running thresholds follow the top-k boundary of the last batch)."""
+    from hydra_hf.cli.report import build_report
+
+    torch.manual_seed(0)
+    model = HydraForCausalLM(make_config(moe_enabled=True, moe_num_layers=1, router_threshold_momentum=1.0))
+    out = tmp_path / "healthy"
+    args = make_args(out, max_steps=12, save_strategy="no", eval_strategy="steps", eval_steps=4)
+    trainer = Trainer(model=model, args=args, train_dataset=make_dataset(), eval_dataset=make_dataset(16, seed=1),
+                      data_collator=PackedCollator())
+    cur = RoutingCurriculumCallback(mod_off_fraction=0.0, mod_force_fraction=0.0, mor_start_fraction=0.0,
+                                    mor_full_fraction=0.0, mor_capacity=0.5, mod_loss_gate=100.0)
+    health = HealthCallback(frozen_check_steps=4, frozen_action="raise")
+    add_callbacks(trainer, [cur, RoutingMetricsCallback(), health])
+    trainer.train()
+    record = json.loads((out / "health.json").read_text())
+    assert record["alerts"] == [], record["alerts"]
+    assert record["parameters"]["requires_grad_false"] == record["parameters"]["not_updating"] == []
+    assert record["parameters"]["not_updating_checked"]
+    assert record["loss_spikes"] == record["grad_norm_outliers"] == record["collapsed_routers"] == []
+    for e in trainer.state.log_history:
+        assert e.get("health/collapsed_routers", 0.0) == e.get("eval_health/collapsed_routers", 0.0) == 0.0
+        assert not any(k.startswith(("health/frozen/", "health/not_updating/")) for k in e)
+    assert sum("eval_health/collapsed_routers" in e for e in trainer.state.log_history) == 3
+    write_history(trainer, out)
+    health_part = open(build_report(str(out))).read().split("## Health", 1)[1]
+    assert health_part.strip().startswith("No alerts") and "###" not in health_part.split("## Plots")[0]
 
 
 class PostClipNorm(TrainerCallback):

@@ -69,6 +69,59 @@ def _fmt(v, digits=4):
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _names(names: list, shown: int = 3) -> str:
+    text = ", ".join(f"`{n}`" for n in names[:shown])
+    return text + (f" (+{len(names) - shown} more)" if len(names) > shown else "")
+
+
+def health_section(run_dir: str) -> list[str]:
+    """The "Health" section: `RUN_DIR/health.json`, written by `HealthCallback` (parameters that do not train,
+    loss spikes, gradient-norm outliers, collapsed routers)."""
+    lines = ["## Health", ""]
+    path = os.path.join(run_dir, "health.json")
+    if not os.path.isfile(path):
+        return lines + ["No health record (`health.json`): the run had no `HealthCallback`.", ""]
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    alerts = record.get("alerts", [])
+    if alerts:
+        lines += ["**Alerts**", ""] + [f"- {a}" for a in alerts] + [""]
+    else:
+        lines += ["No alerts: every parameter trains, no loss spike, no gradient-norm outlier, no router collapsed "
+                  "at its latest check.", ""]
+    params = record.get("parameters", {})
+    rows = params.get("requires_grad_false", []) + params.get("not_updating", [])
+    if rows:
+        lines += ["### Parameters that do not train", "",
+                  "| Group | Trainable | Issue | Parameters | Names |", "|---|---|---|---|---|"]
+        lines += [f"| {e['group']} | {'yes' if e['trainable'] else 'no'} | {e['issue']} | {e['count']} of {e['of']} | "
+                  f"{_names(e['names'])} |" for e in rows]
+        if record.get("peft") and params.get("requires_grad_false"):
+            lines.append("\nPEFT run: the base model's `requires_grad=False` parameters are expected (not alerts).")
+        lines.append("")
+    if not params.get("not_updating_checked", True):
+        lines += ["The not-updating check (`frozen_check_steps`) did not run.", ""]
+    spikes = record.get("loss_spikes", [])
+    if spikes:
+        lines += ["### Loss spikes", "", "| Step | Loss | Limit (mean + k std) |", "|---|---|---|"]
+        lines += [f"| {e['step']} | {e['loss']} | {e['limit']} |" for e in spikes] + [""]
+    outliers = record.get("grad_norm_outliers", [])
+    if outliers:
+        lines += ["### Gradient-norm outliers", "", "| Step | Grad norm | Median of the window |", "|---|---|---|"]
+        lines += [f"| {e['step']} | {e['grad_norm']} | {e['median']} |" for e in outliers] + [""]
+    routers = record.get("collapsed_routers", [])
+    if routers:
+        lines += ["### Routers collapsed to all-or-nothing", "",
+                  "| Router | Mode | What | Value | First step | Last step | Checks | Latest check |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for e in routers:
+            now = "still collapsed" if e.get("collapsed_now") else f"recovered (step {e.get('checked_step')})"
+            lines.append(f"| {e['router']} | {e['mode']} | {e['what']} | {e['value']:.3f} | {e['first_step']} | "
+                         f"{e['last_step']} | {e['count']} | {now} |")
+        lines.append("")
+    return lines
+
+
 def build_report(run_dir: str, out_dir: str | None = None) -> str:
     """Write the report and plots; returns the Markdown path."""
     import matplotlib
@@ -181,6 +234,8 @@ def build_report(run_dir: str, out_dir: str | None = None) -> str:
     else:
         lines.append("No MoE statistics were logged.")
     lines.append("")
+
+    lines += health_section(run_dir)
 
     # plots
     plots = []

@@ -10,12 +10,14 @@ from hydra_hf.training import (RoutingCurriculumCallback, RoutingMetricsCallback
 from .callbacks import (
     BestCheckpointCallback,
     HealthCallback,
+    PARAMETER_GROUPS,
     LossProbe,
     RoutingCurriculumCallback,
     RoutingMetricsCallback,
     SampleGenerationCallback,
     add_callbacks,
     flatten_numbers,
+    parameter_group,
 )
 from .run_totals import RunTotalsCallback
 from .optim import OPTIMIZERS, SCHEDULES, Lion, MultiOptimizer, build_optimizer, build_scheduler, param_groups
@@ -30,6 +32,8 @@ __all__ = [
     "SampleGenerationCallback",
     "add_callbacks",
     "flatten_numbers",
+    "parameter_group",
+    "PARAMETER_GROUPS",
     "OPTIMIZERS",
     "SCHEDULES",
     "Lion",

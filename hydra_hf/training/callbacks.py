@@ -3,7 +3,8 @@
 - `RoutingCurriculumCallback`: MoD / MoR / MoE curriculum applied with `model.set_routing` each step;
   its state (CE-loss EMA, gate step) is checkpointed through the Trainer's `stateful_callbacks`.
 - `RoutingMetricsCallback`: routing losses and statistics, tokens/s, into the Trainer's logs.
-- `HealthCallback`: frozen-parameter check, loss-spike LR cooldown, dynamic grad-norm clipping.
+- `HealthCallback`: parameters that do not train, loss spikes, gradient-norm outliers, collapsed routers
+  (logged, and recorded in `<output_dir>/health.json`); loss-spike LR cooldown, dynamic grad-norm clipping.
 - `SampleGenerationCallback`: generations from fixed prompts every N steps.
 - `BestCheckpointCallback`: keeps a record of the global best checkpoint next to the checkpoints and
   restores it into `TrainerState` on resume if the state lost it.
@@ -21,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 
 import torch
@@ -463,17 +465,77 @@ class RoutingMetricsCallback(TrainerCallback):
 # ---------------------------------------------------------------------------- health
 
 
+PARAMETER_GROUPS = ("embeddings", "attention", "mlp", "norms", "routers", "experts", "adapters", "other")
+
+
+def parameter_group(name: str, owner=None) -> str:
+    """The group of parameter `name` in health reports: one of `PARAMETER_GROUPS`. `owner` (the module holding it)
+    lets any `*Norm` class count as a norm; PEFT adapter weights are "adapters", their frozen base weights keep the
+    base layer's group."""
+    dotted = "." + name
+    if re.search(r"\.(lora_|ia3_|vera_|oft_|boft_|adaption_|prompt_encoder|prefix_encoder)", dotted):
+        return "adapters"
+    if (owner is not None and "norm" in type(owner).__name__.lower()) or re.search(r"norm\.(weight|bias)$", name):
+        return "norms"
+    if re.search(r"\.(mod_routers|mor_routers)\.|\.moe_blocks\.\d+\.gate\.", dotted):
+        return "routers"
+    if re.search(r"\.moe_blocks\.\d+\.experts\.", dotted):
+        return "experts"
+    if re.search(r"\.(embed_tokens|lm_head|recursion_embedding)(\.|$)", dotted):
+        return "embeddings"
+    if ".self_attn." in dotted:
+        return "attention"
+    if ".mlp." in dotted:
+        return "mlp"
+    return "other"
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config") or any(
+        parameter_group(n) == "adapters" for n, p in model.named_parameters() if p.requires_grad
+    )
+
+
 class HealthCallback(TrainerCallback, ExportableState):
-    """Training health: frozen parameters, loss spikes, dynamic gradient clipping.
+    """Training health: parameters that do not train, loss spikes, gradient-norm outliers, collapsed routers;
+    optional loss-spike LR cooldown and dynamic gradient clipping.
+
+    What it finds goes to three places: the `hydra_hf.training` logger (warnings), the Trainer's logs
+    (`log_history`, hence TensorBoard / `report_to`: numbers under `health/...`), and `<output_dir>/health.json`
+    (the full record, rewritten when it changes; `hydra-report` turns it into its "Health" section).
+
+    - **Parameters that do not train**, by group (`parameter_group`: embeddings, attention, mlp, norms, routers,
+      experts, adapters, other): at train begin, every parameter with `requires_grad=False` ("trainable": false;
+      under PEFT the frozen base model is expected and not an alert); after `frozen_check_steps` optimizer steps,
+      every trainable parameter whose values did not change ("trainable": true, e.g. left out of the optimizer or
+      with lr 0). Logged once as `health/frozen/<group>` / `health/not_updating/<group>` (parameter counts).
+    - **Loss spikes**: a step whose loss exceeds mean + `spike_k` x std of the last `spike_window` non-spike
+      losses (or is not finite). Always recorded (`health/spikes`, cumulative); with `spike_cooldown_steps` > 0
+      the learning rate of every param group is also multiplied by `spike_lr_factor` for that many steps.
+    - **Gradient-norm outliers**: a logged `grad_norm` (the Trainer's pre-clip norm of the step it logs) that is
+      not finite or above `grad_outlier_factor` x the median of the last `grad_window` logged norms (once 5 are
+      known). `health/grad_norm_outliers` (cumulative).
+    - **Collapsed routers** (all-or-nothing), checked at every training log on the last training forward and at
+      every evaluation on its last batch (the causal inference rule that generation uses; training's top-k keeps
+      MoD and expert-choice MoR at their capacity, so that is where they collapse): a MoD layer selecting <=
+      `collapse_tol` or
+      >= 1 - `collapse_tol` of its candidate tokens (while MoD is on, the latter only below capacity 1); a MoR
+      block sending >= 1 - `collapse_tol` of the tokens to one depth (while MoR is on; at capacity 1 all at full depth is
+      expected); a MoE
+      block giving >= 1 - `collapse_tol` of its token slots to its `num_experts_per_tok` busiest experts (not in
+      dense warmup or forced routing). `health/collapsed_routers` / `eval_health/collapsed_routers` (count at
+      that log). The record keeps every router that collapsed (first / last step, checks); only the ones still
+      collapsed at the latest check of their mode are alerts (early in training, before the routers' running
+      thresholds catch up, the inference rule often processes every token or none for a while).
 
     Args:
-        frozen_check_steps: after this many optimizer steps, every trainable parameter that has not changed
-            since training began is named (None/0 = off).
-        frozen_action: "warn" (log a warning), "stop" (log an error and stop training) or "raise"
-            (raise `RuntimeError`).
-        spike_window / spike_k / spike_lr_factor / spike_cooldown_steps: a step whose loss exceeds
-            mean + k * std of the last `spike_window` non-spike losses multiplies the learning rate of
-            every param group by `spike_lr_factor` for `spike_cooldown_steps` steps (0 = off).
+        frozen_check_steps: when the not-updating check runs (None/0 = off).
+        frozen_action: "warn" (log a warning), "stop" (log an error and stop training at the check) or "raise"
+            (raise `RuntimeError` at the check), for parameters that do not train (not-updating ones, and
+            `requires_grad=False` ones outside PEFT).
+        spike_window / spike_k / spike_lr_factor / spike_cooldown_steps: see above (cooldown 0 = off).
+        grad_window / grad_outlier_factor: see above.
+        collapse_tol: see above.
         dynamic_clip: set the Trainer's clipping threshold every step from the recent pre-clip gradient
             norms: `mean + clip_k * std` (or the `clip_percentile`-th percentile when given) of the last
             `clip_window` steps, clamped to [`clip_min`, `clip_max`]. Until `clip_window // 2` norms are
@@ -489,6 +551,9 @@ class HealthCallback(TrainerCallback, ExportableState):
     exact for transformers' `LambdaLR`-based schedules (they recompute the LR from the base each step).
     """
 
+    FILE = "health.json"
+    MAX_EVENTS = 100  # spikes / gradient-norm outliers kept in the record (the latest)
+
     def __init__(
         self,
         frozen_check_steps: int | None = 20,
@@ -497,6 +562,9 @@ class HealthCallback(TrainerCallback, ExportableState):
         spike_k: float = 4.0,
         spike_lr_factor: float = 0.5,
         spike_cooldown_steps: int = 0,
+        grad_window: int = 50,
+        grad_outlier_factor: float = 4.0,
+        collapse_tol: float = 0.01,
         dynamic_clip: bool = False,
         clip_window: int = 100,
         clip_k: float = 2.0,
@@ -512,12 +580,19 @@ class HealthCallback(TrainerCallback, ExportableState):
             raise ValueError(f"clip_percentile must be in (0, 100], got {clip_percentile}")
         if clip_min <= 0 or clip_max < clip_min:
             raise ValueError(f"need 0 < clip_min <= clip_max, got clip_min={clip_min}, clip_max={clip_max}")
+        if grad_outlier_factor <= 1.0:
+            raise ValueError(f"grad_outlier_factor must be > 1, got {grad_outlier_factor}")
+        if not 0.0 <= collapse_tol < 0.5:
+            raise ValueError(f"collapse_tol must be in [0, 0.5), got {collapse_tol}")
         self.frozen_check_steps = frozen_check_steps
         self.frozen_action = frozen_action
         self.spike_window = int(spike_window)
         self.spike_k = float(spike_k)
         self.spike_lr_factor = float(spike_lr_factor)
         self.spike_cooldown_steps = int(spike_cooldown_steps)
+        self.grad_window = int(grad_window)
+        self.grad_outlier_factor = float(grad_outlier_factor)
+        self.collapse_tol = float(collapse_tol)
         self.dynamic_clip = bool(dynamic_clip)
         self.clip_window = int(clip_window)
         self.clip_k = float(clip_k)
@@ -530,14 +605,24 @@ class HealthCallback(TrainerCallback, ExportableState):
         self.cooldown_left = 0
         self.spike_steps: list = []
         self.clip_threshold: float | None = None
+        self.spikes: list = []  # {"step", "loss", "limit"}
+        self.logged_grad_norms: list = []
+        self.grad_norm_outliers: list = []  # {"step", "grad_norm", "median"}
+        self.collapsed_routers: dict = {}  # "<mode> <router>" -> {"router", "mode", "what", "value", steps, count}
+        self.frozen_parameters: list = []  # trainable, not changed by the check step
         # run-time
-        self.frozen_parameters: list = []
+        self.requires_grad_false: list = []
+        self.groups: dict = {}  # parameter name -> group
+        self.peft = False
         self._snapshots = {}
         self._hooks = []
         self._sq = {}
         self._model = None
         self._probe = None
         self._last_grad_norm = None
+        self._logged_frozen = False
+        self._pending: dict = {}
+        self._written = None
 
     def state(self) -> dict:
         return {
@@ -548,6 +633,9 @@ class HealthCallback(TrainerCallback, ExportableState):
                 "spike_k": self.spike_k,
                 "spike_lr_factor": self.spike_lr_factor,
                 "spike_cooldown_steps": self.spike_cooldown_steps,
+                "grad_window": self.grad_window,
+                "grad_outlier_factor": self.grad_outlier_factor,
+                "collapse_tol": self.collapse_tol,
                 "dynamic_clip": self.dynamic_clip,
                 "clip_window": self.clip_window,
                 "clip_k": self.clip_k,
@@ -561,10 +649,15 @@ class HealthCallback(TrainerCallback, ExportableState):
                 "cooldown_left": self.cooldown_left,
                 "spike_steps": list(self.spike_steps),
                 "clip_threshold": self.clip_threshold,
+                "spikes": list(self.spikes),
+                "logged_grad_norms": list(self.logged_grad_norms),
+                "grad_norm_outliers": list(self.grad_norm_outliers),
+                "collapsed_routers": dict(self.collapsed_routers),
+                "frozen_parameters": list(self.frozen_parameters),
             },
         }
 
-    # ---- frozen parameters
+    # ---- parameters that do not train
     @staticmethod
     def _fingerprint(p: torch.Tensor):
         flat = p.detach().reshape(-1)
@@ -582,6 +675,163 @@ class HealthCallback(TrainerCallback, ExportableState):
             if torch.equal(sample, now_sample) and total == now_total:
                 frozen.append(name)
         return frozen
+
+    def _census(self, model) -> None:
+        modules = dict(model.named_modules())
+        self.groups = {
+            name: parameter_group(name, modules.get(name.rpartition(".")[0])) for name, _ in model.named_parameters()
+        }
+        self.requires_grad_false = [n for n, p in model.named_parameters() if not p.requires_grad]
+        self.peft = _is_peft(model)
+
+    def _by_group(self, names: list, trainable: bool, issue: str) -> list:
+        out = {}
+        for name in names:
+            group = self.groups.get(name) or parameter_group(name)
+            out.setdefault(group, []).append(name)
+        total = {}  # the group's parameters (requires_grad=False entries) or its trainable ones (not-updating)
+        frozen = set(self.requires_grad_false)
+        for name, group in self.groups.items():
+            if not trainable or name not in frozen:
+                total[group] = total.get(group, 0) + 1
+        return [
+            {"group": g, "trainable": trainable, "issue": issue, "count": len(ns), "of": total.get(g, len(ns)),
+             "names": ns}
+            for g, ns in sorted(out.items(), key=lambda kv: PARAMETER_GROUPS.index(kv[0]))
+        ]
+
+    def _frozen_message(self, entries: list) -> str:
+        return "; ".join(
+            f"{e['group']}: {e['count']} of {e['of']} (e.g. {e['names'][0]})" for e in entries
+        )
+
+    # ---- collapsed routers
+    def _collapses(self, summary: dict, model) -> list:
+        """(key, router, what, value) for every router the summary shows collapsed to all-or-nothing."""
+        state = getattr(model, "routing_state", None)
+        config = getattr(model, "config", None)
+        if state is None or config is None:
+            return []
+        tol, found = self.collapse_tol, []
+        if state.mod_enabled:
+            for key, value in summary.items():
+                m = re.fullmatch(r"routing/mod_fraction/layer_(\d+)", key)
+                if m and (value <= tol or (value >= 1 - tol and state.mod_capacity < 1 - tol)):
+                    what = "selects no token" if value <= tol else "selects every token"
+                    found.append((f"mod layer {m.group(1)}", f"MoD layer {m.group(1)}", what, value))
+        caps = state.mor_capacity if isinstance(state.mor_capacity, list) else [state.mor_capacity]
+        every_token_continues = all(c is not None and c >= 1 - tol for c in caps)  # capacity 1: all at full depth
+        if state.mor_enabled:
+            for key, hist in summary.items():
+                m = re.fullmatch(r"routing/mor_depth_hist/block_(\d+)", key)
+                if m and isinstance(hist, list) and hist and max(hist) >= 1 - tol:
+                    depth = hist.index(max(hist)) + 1
+                    if depth == len(hist) and every_token_continues:
+                        continue
+                    found.append((f"mor block {m.group(1)}", f"MoR block {m.group(1)}",
+                                  f"sends every token to depth {depth}", max(hist)))
+        top_k = getattr(config, "num_experts_per_tok", 1)
+        if not state.moe_dense and state.moe_forced is None:
+            for key, counts in summary.items():
+                m = re.fullmatch(r"routing/moe_tokens/block_(\d+)", key)
+                if not (m and isinstance(counts, list) and len(counts) > top_k and sum(counts) > 0):
+                    continue
+                busiest = sorted(range(len(counts)), key=lambda e: -counts[e])[:top_k]
+                share = sum(counts[e] for e in busiest) / sum(counts)
+                if share >= 1 - tol:
+                    experts = ", ".join(str(e) for e in sorted(busiest))
+                    found.append((f"moe block {m.group(1)}", f"MoE block {m.group(1)}",
+                                  f"sends every token to expert(s) {experts}", share))
+        return found
+
+    def check_routers(self, model, step: int, mode: str) -> int:
+        """Record the routers collapsed in the model's last forward; returns how many."""
+        if model is None or not hasattr(model, "routing_summary"):
+            return 0
+        found = self._collapses(model.routing_summary(), model)
+        now = set()
+        for key, router, what, value in found:
+            now.add(f"{mode} {key}")
+            entry = self.collapsed_routers.get(f"{mode} {key}")
+            if entry is None or not entry["collapsed_now"]:
+                logger.warning(f"Health: {router} {what} ({mode} mode, value {value:.3f}) at step {step}")
+            if entry is None:
+                entry = self.collapsed_routers[f"{mode} {key}"] = {
+                    "router": router, "mode": mode, "first_step": step, "count": 0}
+            entry.update(what=what, value=float(value), last_step=step, count=entry["count"] + 1)
+        for key, entry in self.collapsed_routers.items():  # at the latest check of this mode: still collapsed?
+            if entry["mode"] == mode:
+                entry["collapsed_now"], entry["checked_step"] = key in now, step
+        return len(found)
+
+    # ---- gradient-norm outliers
+    def check_grad_norm(self, grad_norm: float, step: int) -> bool:
+        window = [g for g in self.logged_grad_norms if math.isfinite(g)]
+        median = float(torch.tensor(window, dtype=torch.float64).median()) if window else None
+        outlier = not math.isfinite(grad_norm) or (
+            len(window) >= 5 and median is not None and grad_norm > self.grad_outlier_factor * median
+        )
+        if outlier:
+            self.grad_norm_outliers = (self.grad_norm_outliers + [
+                {"step": step, "grad_norm": grad_norm if math.isfinite(grad_norm) else str(grad_norm),
+                 "median": median}
+            ])[-self.MAX_EVENTS:]
+            logger.warning(
+                f"Health: gradient norm {grad_norm:.4g} at step {step} "
+                + (f"({grad_norm / median:.1f}x the median {median:.4g} of the last {len(window)} logged)"
+                   if median and math.isfinite(grad_norm) else "(not finite)")
+            )
+        else:
+            self.logged_grad_norms = (self.logged_grad_norms + [grad_norm])[-self.grad_window:]
+        return outlier
+
+    # ---- the record
+    def report(self) -> dict:
+        """The health record written to `health.json`: findings, and `alerts` (one line each) for the ones that
+        need a look (an empty list = nothing alarming)."""
+        frozen = self._by_group(self.requires_grad_false, False, "requires_grad=False")
+        not_updating = self._by_group(self.frozen_parameters, True, f"unchanged after {self.frozen_check_steps} steps")
+        alerts = []
+        if frozen and not self.peft:
+            alerts += [f"{e['group']}: {e['count']} of {e['of']} parameters have requires_grad=False" for e in frozen]
+        alerts += [f"{e['group']}: {e['count']} of {e['of']} trainable parameters did not change in "
+                   f"{self.frozen_check_steps} steps" for e in not_updating]
+        if self.spikes:
+            alerts.append(f"{len(self.spikes)} loss spike(s), steps {', '.join(str(s['step']) for s in self.spikes)}")
+        if self.grad_norm_outliers:
+            alerts.append(f"{len(self.grad_norm_outliers)} gradient-norm outlier(s), steps "
+                          f"{', '.join(str(g['step']) for g in self.grad_norm_outliers)}")
+        alerts += [f"{e['router']} {e['what']} ({e['mode']} mode: collapsed at {e['count']} check(s) from step "
+                   f"{e['first_step']}, still at step {e['last_step']})"
+                   for e in self.collapsed_routers.values() if e["collapsed_now"]]
+        return {
+            "alerts": alerts,
+            "peft": self.peft,
+            "parameters": {
+                "groups": {g: sum(1 for v in self.groups.values() if v == g)
+                           for g in PARAMETER_GROUPS if g in self.groups.values()},
+                "requires_grad_false": frozen,
+                "not_updating": not_updating,
+                "not_updating_checked": bool(self.frozen_check_steps) and not self._snapshots,
+            },
+            "loss_spikes": list(self.spikes),
+            "grad_norm_outliers": list(self.grad_norm_outliers),
+            "collapsed_routers": list(self.collapsed_routers.values()),
+            "settings": self.state()["args"],
+        }
+
+    def write(self, args, state) -> None:
+        if not getattr(args, "output_dir", None) or not state.is_world_process_zero:
+            return
+        text = json.dumps(self.report(), indent=2)
+        if text == self._written:
+            return
+        os.makedirs(args.output_dir, exist_ok=True)
+        path = os.path.join(args.output_dir, self.FILE)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+        self._written = text
 
     # ---- clipping
     def compute_clip_threshold(self) -> float | None:
@@ -610,8 +860,15 @@ class HealthCallback(TrainerCallback, ExportableState):
                 setattr(self, key, value)
         self._model = unwrap(model)
         self._probe = LossProbe.attach(self._model)
+        self._census(self._model)
+        if self.requires_grad_false and not self.peft:
+            entries = self._by_group(self.requires_grad_false, False, "requires_grad=False")
+            logger.warning(
+                f"Health: {len(self.requires_grad_false)} parameter(s) have requires_grad=False and will not "
+                f"train: {self._frozen_message(entries)}"
+            )
         self._snapshots = {}
-        if self.frozen_check_steps:
+        if self.frozen_check_steps and state.global_step < self.frozen_check_steps:
             self._snapshots = {
                 n: self._fingerprint(p) for n, p in self._model.named_parameters() if p.requires_grad
             }
@@ -629,6 +886,7 @@ class HealthCallback(TrainerCallback, ExportableState):
             ]
             if self.clip_threshold is not None:
                 args.max_grad_norm = self.clip_threshold
+        self.write(args, state)
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.dynamic_clip:
@@ -648,10 +906,10 @@ class HealthCallback(TrainerCallback, ExportableState):
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         taken = self._probe.step_value(state.global_step) if self._probe is not None else None
-        if taken is not None and self.spike_cooldown_steps > 0:
+        if taken is not None:
             loss = taken[0]
             window = self.loss_window
-            is_spike = False
+            is_spike, limit = False, None
             if len(window) >= max(5, self.spike_window // 2) and math.isfinite(loss):
                 t = torch.tensor(window, dtype=torch.float64)
                 limit = float(t.mean() + self.spike_k * t.std())
@@ -659,11 +917,17 @@ class HealthCallback(TrainerCallback, ExportableState):
             if not math.isfinite(loss):
                 is_spike = True
             if is_spike:
-                self.cooldown_left = self.spike_cooldown_steps
                 self.spike_steps.append(state.global_step)
+                self.spikes = (self.spikes + [{"step": state.global_step,
+                                               "loss": loss if math.isfinite(loss) else str(loss),
+                                               "limit": limit}])[-self.MAX_EVENTS:]
+                action = ""
+                if self.spike_cooldown_steps > 0:
+                    self.cooldown_left = self.spike_cooldown_steps
+                    action = f"; LR x{self.spike_lr_factor} for {self.spike_cooldown_steps} steps"
                 logger.warning(
-                    f"Loss spike at step {state.global_step} (loss {loss:.4f}); LR x{self.spike_lr_factor} for "
-                    f"{self.spike_cooldown_steps} steps"
+                    f"Loss spike at step {state.global_step} (loss {loss:.4f}"
+                    + (f" > {limit:.4f}" if limit is not None else "") + f"){action}"
                 )
             else:
                 window.append(loss)
@@ -676,35 +940,69 @@ class HealthCallback(TrainerCallback, ExportableState):
         if self.frozen_check_steps and state.global_step == self.frozen_check_steps and self._snapshots:
             self.frozen_parameters = self.check_frozen(self._model)
             self._snapshots = {}
+            unexpected = [] if self.peft else self.requires_grad_false
             if self.frozen_parameters:
-                message = (
-                    f"{len(self.frozen_parameters)} trainable parameter(s) did not change in the first "
-                    f"{self.frozen_check_steps} steps: {', '.join(self.frozen_parameters)}"
-                )
+                self._pending.update({
+                    f"health/not_updating/{e['group']}": float(e["count"])
+                    for e in self._by_group(self.frozen_parameters, True, "")
+                })
+            if self.frozen_parameters or unexpected:
+                parts = []
+                if self.frozen_parameters:
+                    parts.append(
+                        f"{len(self.frozen_parameters)} trainable parameter(s) did not change in the first "
+                        f"{self.frozen_check_steps} steps: {', '.join(self.frozen_parameters)}"
+                    )
+                if unexpected:
+                    parts.append(f"{len(unexpected)} parameter(s) have requires_grad=False: "
+                                 + self._frozen_message(self._by_group(unexpected, False, "")))
+                message = "; ".join(parts)
+                self.write(args, state)
                 if self.frozen_action == "raise":
                     raise RuntimeError(message)
                 if self.frozen_action == "stop":
                     logger.error(message + " - stopping training")
                     control.should_training_stop = True
-                else:
+                elif self.frozen_parameters:
                     logger.warning(message)
             else:
                 logger.info(f"Health: every trainable parameter moved in the first {self.frozen_check_steps} steps")
+            self.write(args, state)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or any(k.startswith("eval_") for k in logs) or "loss" not in logs:
+        if logs is None:
+            return
+        if "eval_loss" in logs:
+            n = self.check_routers(self._model, state.global_step, "eval")
+            add_to_logs(state, logs, {"eval_health/collapsed_routers": float(n)})
+            self.write(args, state)
+            return
+        if any(k.startswith("eval_") for k in logs) or "loss" not in logs:
             return
         extra = {"health/lr_cooldown_left": float(self.cooldown_left), "health/spikes": float(len(self.spike_steps))}
+        if not self._logged_frozen:
+            self._logged_frozen = True
+            for e in self._by_group(self.requires_grad_false, False, ""):
+                extra[f"health/frozen/{e['group']}"] = float(e["count"])
+        extra.update(self._pending)
+        self._pending = {}
+        grad_norm = logs.get("grad_norm")
+        if grad_norm is not None:
+            self.check_grad_norm(float(grad_norm), state.global_step)
+        extra["health/grad_norm_outliers"] = float(len(self.grad_norm_outliers))
+        extra["health/collapsed_routers"] = float(self.check_routers(self._model, state.global_step, "train"))
         if self.dynamic_clip:
             extra["health/clip_threshold"] = float(args.max_grad_norm)
             if self._last_grad_norm is not None:
                 extra["health/grad_norm_preclip"] = float(self._last_grad_norm)
         add_to_logs(state, logs, extra)
+        self.write(args, state)
 
     def on_train_end(self, args, state, control, **kwargs):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        self.write(args, state)
 
 
 # ---------------------------------------------------------------------------- samples
@@ -831,6 +1129,8 @@ __all__ = [
     "RoutingCurriculumCallback",
     "RoutingMetricsCallback",
     "HealthCallback",
+    "PARAMETER_GROUPS",
+    "parameter_group",
     "SampleGenerationCallback",
     "BestCheckpointCallback",
     "LossProbe",
