@@ -17,11 +17,13 @@ from .callbacks import (
     add_callbacks,
     flatten_numbers,
 )
+from .progress import CompactProgressCallback, use_compact_progress
 from .run_totals import RunTotalsCallback
 from .optim import OPTIMIZERS, SCHEDULES, Lion, MultiOptimizer, build_optimizer, build_scheduler, param_groups
 
 __all__ = [
     "BestCheckpointCallback",
+    "CompactProgressCallback",
     "HealthCallback",
     "LossProbe",
     "RoutingCurriculumCallback",
@@ -37,4 +39,5 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "param_groups",
+    "use_compact_progress",
 ]
