@@ -44,7 +44,8 @@ def check_model_dir(model_dir: str) -> None:
     if not names & set(TOKENIZER_FILES):
         missing.append("tokenizer files (tokenizer.json)")
     if missing:
-        found = f"it holds {len(names)} other entries" if names else "it is empty"
+        shown = sorted(names)[:5]
+        found = f"it holds {', '.join(shown)}{', ...' if len(names) > len(shown) else ''}" if names else "it is empty"
         raise UsageError(f"model_dir {model_dir!r} has no {', no '.join(missing)} ({found}); {expected}")
 
 
