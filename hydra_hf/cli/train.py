@@ -374,7 +374,7 @@ def check_optional_packages(cfg: dict, origin: dict | None = None) -> None:
                              "without one: adamw, adafactor, lion, muon")
     report_to = cfg["training"].get("report_to", "none")
     targets = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    if ("tensorboard" in targets or "all" in targets) and not (_installed("tensorboard") or _installed("tensorboardX")):
+    if "tensorboard" in targets and not (_installed("tensorboard") or _installed("tensorboardX")):
         raise UsageError(f"{_field_name('training', 'report_to', origin)}={report_to!r} needs tensorboard, which is "
                          "not installed: pip install 'hydra_hf[tensorboard]' (or report_to none)")
     if cfg["gpu"].get("liger") and not _installed("liger_kernel"):
@@ -408,7 +408,7 @@ def prepare_output_dir(output_dir: str) -> str | None:
         while os.path.dirname(created) != parent:
             created = os.path.dirname(created)
         try:
-            os.makedirs(path)
+            os.makedirs(path, exist_ok=True)  # exist_ok: the other processes of a distributed launch race here
         except OSError as exc:
             _remove_created(path, created)
             raise UsageError(f"--output_dir={output_dir!r} cannot be created ({exc.strerror or one_line(exc)}); "

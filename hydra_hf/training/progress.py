@@ -9,8 +9,9 @@ The Trainer's own `ProgressCallback` writes every log dict into the console (wit
   (`routing/mor_mean_depth/mean`), those that are logged;
 - each evaluation prints one line (eval loss, and the eval-mode MoD fraction and depth);
 - with `disable_tqdm=True`, each training log prints one line with the headline numbers instead of a bar;
-- when the console is not a terminal (a log file, CI), the bar redraws at most every `file_mininterval`
-  seconds instead of ten times a second, so that a log file holds a few lines of progress, not thousands.
+- when the console is not a terminal (a log file, CI), the bar is redrawn every `1 / file_updates` of the run
+  (every 5% by default) instead of ten times a second, so that a log file holds a few lines of progress
+  whatever the speed of the machine, not one per step.
 
 Every number stays in `state.log_history`, `trainer_state.json` and the `report_to` integrations (TensorBoard,
 W&B); with `log_file`, each log entry is also appended to that JSON-lines file as the run goes (entries
@@ -73,18 +74,22 @@ class CompactProgressCallback(ProgressCallback):
 
     Args:
         log_file: JSON-lines file that receives every log entry as it is logged (optional).
-        file_mininterval: seconds between redraws of the bar when stderr is not a terminal.
+        file_updates: redraws of a bar over its whole length when stderr is not a terminal (the training bar;
+            an evaluation bar gets a quarter as many).
     """
 
-    def __init__(self, log_file: str | None = None, file_mininterval: float = 10.0):
+    def __init__(self, log_file: str | None = None, file_updates: int = 20):
         super().__init__()
         self.log_file = log_file
-        self.file_mininterval = file_mininterval
+        self.file_updates = file_updates
         self.lines = False  # one printed line per training log instead of a bar (disable_tqdm=True)
 
-    def _interval(self) -> float:
-        stream = sys.stderr
-        return 0.1 if getattr(stream, "isatty", lambda: False)() else self.file_mininterval
+    def _bar_options(self, total: int, updates: int) -> dict:
+        """tqdm's defaults on a terminal; on a file, a redraw every `total / updates` iterations at most."""
+        if getattr(sys.stderr, "isatty", lambda: False)():
+            return {}
+        # maxinterval: tqdm's monitor thread would otherwise drop miniters to 1 after 10 s without a redraw
+        return {"miniters": max(1, int(total or 0) // max(1, updates)), "mininterval": 1.0, "maxinterval": 1e9}
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.lines = bool(args.disable_tqdm)
@@ -92,18 +97,23 @@ class CompactProgressCallback(ProgressCallback):
         if state.is_world_process_zero and not self.lines:
             from tqdm.auto import tqdm
 
-            self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True, mininterval=self._interval())
+            self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True,
+                                     **self._bar_options(state.max_steps, self.file_updates))
         if state.is_world_process_zero and self.log_file:
             os.makedirs(os.path.dirname(os.path.abspath(self.log_file)), exist_ok=True)
             with open(self.log_file, "w", encoding="utf-8") as f:
                 for entry in state.log_history:
                     f.write(json.dumps(entry, default=str) + "\n")
 
+    def _advance(self, state) -> None:
+        if self.training_bar is not None and state.global_step > self.current_step:
+            self.training_bar.update(state.global_step - self.current_step)
+        self.current_step = max(self.current_step, state.global_step)
+
     def on_step_end(self, args, state, control, **kwargs):
-        if self.training_bar is not None:
-            super().on_step_end(args, state, control, **kwargs)
-        else:
-            self.current_step = state.global_step
+        if control.should_log and self.training_bar is not None:
+            return  # this step's log comes next: the bar moves in `on_log`, drawn with the new numbers
+        self._advance(state)
 
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
         if self.lines:
@@ -113,8 +123,9 @@ class CompactProgressCallback(ProgressCallback):
             from transformers.trainer_utils import has_length
 
             if has_length(eval_dataloader):
-                self.prediction_bar = tqdm(total=len(eval_dataloader), leave=self.training_bar is None,
-                                           dynamic_ncols=True, mininterval=self._interval())
+                total = len(eval_dataloader)
+                self.prediction_bar = tqdm(total=total, leave=self.training_bar is None, dynamic_ncols=True,
+                                           **self._bar_options(total, max(1, self.file_updates // 4)))
         super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
 
     def _write(self, text: str) -> None:
@@ -131,18 +142,22 @@ class CompactProgressCallback(ProgressCallback):
             with open(self.log_file, "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry, default=str) + "\n")
         if "eval_loss" in logs or any(k.startswith("eval_") for k in logs):
+            self._advance(state)
             self._write(eval_line(logs, state.global_step))
             return
         if "loss" not in logs:  # the end-of-training summary (train_runtime, ...): in the log history only
+            self._advance(state)
             return
         text = headline(logs)
         if self.training_bar is not None:
             self.training_bar.set_postfix_str(text, refresh=False)
+            self._advance(state)
         elif self.lines:
             total = f"/{state.max_steps}" if state.max_steps and state.max_steps > 0 else ""
             self._write(f"step {state.global_step}{total}: {text}")
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._advance(state)
         if self.training_bar is not None:
             self.training_bar.close()
             self.training_bar = None
