@@ -1,6 +1,10 @@
-"""Packaging for hydra_hf (pip install -e .[dev])."""
+"""Packaging for hydra_hf: `pip install -e .` (CPU core), extras `[gpu]`, `[quant]`, `[tensorboard]`, `[dev]`."""
 
 from setuptools import find_packages, setup
+
+GPU = ["triton>=3.0", "liger-kernel>=0.5"]
+QUANT = ["bitsandbytes>=0.45"]
+TENSORBOARD = ["tensorboard>=2.15"]
 
 setup(
     name="hydra_hf",
@@ -26,17 +30,27 @@ setup(
         "tokenizers>=0.21",
         "safetensors>=0.4",
         "evaluate>=0.4",
-        "triton>=3.0",
-        "liger-kernel>=0.5",
-        "bitsandbytes>=0.45",
         "pyyaml>=6.0",
         "matplotlib>=3.7",
-        "tensorboard>=2.15",
         "tqdm>=4.0",
     ],
-    # lm_eval: tests/test_evaluation.py runs the harness's `hf` model on HYDRA (docs/evaluation.md);
-    # trl: tests/test_finetuning.py trains HYDRA with TRL's SFTTrainer (its fused LM head is 1.x).
-    extras_require={"dev": ["pytest>=8.0", "lm_eval>=0.4.8", "trl>=1.16,<2"]},
+    # The core install runs everything on CPU (the PyTorch reference ops) and the README's two commands. What a
+    # CPU-only machine does not need is an extra; each import of these is guarded (nothing prints when one is
+    # missing) and a feature that needs a missing extra stops with a message naming it:
+    #   gpu          Triton kernels (kernel_backend "auto"/"triton" on CUDA) and Liger's RMSNorm / SwiGLU / fused
+    #                cross-entropy (kernel_backend "liger", hydra-train --liger)
+    #   quant        bitsandbytes: 8-bit AdamW (--optimizer adamw8bit) and 4/8-bit loading (BitsAndBytesConfig)
+    #   tensorboard  report_to="tensorboard"
+    #   dev          all of the above plus the test tools: the Triton kernels are tested on CPU under
+    #                TRITON_INTERPRET=1; lm_eval: tests/test_evaluation.py runs the harness's `hf` model on HYDRA
+    #                (docs/evaluation.md); trl: tests/test_finetuning.py trains HYDRA with TRL's SFTTrainer (its
+    #                fused LM head is 1.x); bitsandbytes: the 4-bit loading / QLoRA test.
+    extras_require={
+        "gpu": GPU,
+        "quant": QUANT,
+        "tensorboard": TENSORBOARD,
+        "dev": GPU + QUANT + TENSORBOARD + ["pytest>=8.0", "lm_eval>=0.4.8", "trl>=1.16,<2"],
+    },
     entry_points={
         "console_scripts": [
             "hydra-train=hydra_hf.cli.train:main",

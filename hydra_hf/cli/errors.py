@@ -1,14 +1,17 @@
 """User errors of the command-line tools: short messages, exit status 2, tracebacks only with `--debug`.
 
-A *user error* is a bad flag, a bad configuration value or an unusable data source: something the user
-fixes by changing the command, not a bug. The tools raise `UsageError` for those (as early as possible,
-before tokenizer training and data loading) and `run_cli` turns it into one or two lines on stderr::
+A *user error* is a bad flag, a bad configuration value, an unusable data source or output folder: something
+the user fixes by changing the command, not a bug. The tools raise `UsageError` for those (as early as possible,
+before tokenizer training and data loading) and `run_cli` turns it into ONE line on stderr, exit status 2::
 
-    hydra-train: error: training.max_steps='abc' is not an int (TrainingArguments.max_steps)
-    hydra-train: run with --debug for the traceback
+    hydra-train: error: --max_steps=-5 is not allowed; allowed: an int >= 1, or -1 (train for training.num_train_epochs)
+
+`--debug` re-raises instead (the traceback). argparse's own errors (unknown flag, `--max_steps abc`) are one
+line too, with the same status.
 
 Values are checked against the type annotations of the dataclass or function that will receive them
-(`check_fields`), so the message names the field, the value and what the field accepts.
+(`check_fields`), and against the ranges the tools accept (`check_range`), so the message names the field, the
+value and what the field accepts.
 """
 
 from __future__ import annotations
@@ -32,23 +35,32 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse with a two-line error (no usage dump) and the same exit status 2."""
 
     def error(self, message):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n{self.prog}: see `{self.prog} --help`\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
+MAX_MESSAGE_CHARS = 600
+
+
+def one_line(exc) -> str:
+    """An exception's (or a string's) whole message on one line: lines joined, whitespace collapsed.
+
+    A multi-line message (YAML errors, transformers' "Couldn't instantiate the backend tokenizer from one of:"
+    followed by the list) keeps its content instead of stopping mid-sentence; a very long one ends with "...".
+    """
+    text = exc if isinstance(exc, str) else (str(exc).strip() or type(exc).__name__)
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3].rstrip() + "..."
+
 
 
 def run_cli(prog: str, body, debug: bool = False) -> int:
-    """Run `body()` (returns an exit status); a `UsageError` becomes a short message and status 2."""
+    """Run `body()` (returns an exit status); a `UsageError` becomes one line on stderr and status 2."""
     try:
         return body()
     except UsageError as exc:
         if debug:
             raise
-        print(f"{prog}: error: {first_line(exc)}", file=sys.stderr)
-        print(f"{prog}: run with --debug for the traceback", file=sys.stderr)
+        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
 
 
@@ -165,4 +177,38 @@ def check_choice(value, allowed, name: str) -> None:
         raise UsageError(f"{name}={value!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
 
 
-__all__ = ["ArgumentParser", "EXIT_USAGE", "UsageError", "check_choice", "check_fields", "run_cli", "type_hints"]
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_range(value, name: str, *, minimum=None, maximum=None, min_exclusive: bool = False,
+                max_exclusive: bool = False, also=(), integer: bool = False, note: str = "") -> None:
+    """`value` must be a number within [minimum, maximum] (bounds optional, each inclusive unless `*_exclusive`),
+    or one of `also` (special values, e.g. -1 = "not set"). Raises `UsageError` naming `name`, the value and the
+    allowed range, e.g. ``--lr=-0.001 is not allowed; allowed: a number > 0``."""
+    kind = "an int" if integer else "a number"
+    bounds = []
+    if minimum is not None:
+        bounds.append(f"{'>' if min_exclusive else '>='} {minimum}")
+    if maximum is not None:
+        bounds.append(f"{'<' if max_exclusive else '<='} {maximum}")
+    allowed = f"{kind} {' and '.join(bounds)}".strip()
+    if also:
+        allowed += ", or " + " or ".join(map(str, also))
+    if note:
+        allowed += f" ({note})"
+    if any(value is a or (_is_number(value) and _is_number(a) and value == a) for a in also):
+        return
+    ok = _is_number(value) and (isinstance(value, int) or not integer)
+    if ok and isinstance(value, float) and value != value:  # NaN
+        ok = False
+    if ok and minimum is not None:
+        ok = value > minimum if min_exclusive else value >= minimum
+    if ok and maximum is not None:
+        ok = value < maximum if max_exclusive else value <= maximum
+    if not ok:
+        raise UsageError(f"{name}={value!r} is not allowed; allowed: {allowed}")
+
+
+__all__ = ["ArgumentParser", "EXIT_USAGE", "UsageError", "check_choice", "check_fields", "check_range", "one_line",
+           "run_cli", "type_hints"]

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .errors import ArgumentParser, UsageError, first_line, run_cli
+from .errors import ArgumentParser, UsageError, check_range, one_line, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,19 +25,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_dir(model_dir: str) -> None:
+    """The folder holds a config, weights and a tokenizer (named when missing), before anything is loaded."""
+    expected = "expected a hydra-train --output_dir or a save_pretrained folder with config.json, model.safetensors " \
+               "and the tokenizer files"
+    if not os.path.isdir(model_dir):
+        raise UsageError(f"model_dir {model_dir!r}: no such folder; {expected}")
+    names = set(os.listdir(model_dir))
+    missing = []
+    if "config.json" not in names:
+        missing.append("config.json")
+    if not names & set(WEIGHT_FILES):
+        missing.append("weights (model.safetensors)")
+    if not names & set(TOKENIZER_FILES):
+        missing.append("tokenizer files (tokenizer.json)")
+    if missing:
+        shown = sorted(names)[:5]
+        found = f"it holds {', '.join(shown)}{', ...' if len(names) > len(shown) else ''}" if names else "it is empty"
+        raise UsageError(f"model_dir {model_dir!r} has no {', no '.join(missing)} ({found}); {expected}")
+
+
 def check_args(args) -> None:
     """Errors a user can fix, before the model is loaded."""
-    if not os.path.isdir(args.model_dir):
-        raise UsageError(f"model_dir {args.model_dir!r}: no such folder (expected a hydra-train --output_dir "
-                         "or a save_pretrained folder)")
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max_new_tokens={args.max_new_tokens}: must be >= 1")
-    if args.temperature < 0:
-        raise UsageError(f"--temperature={args.temperature}: must be >= 0 (0 = greedy)")
-    if not 0 < args.top_p <= 1:
-        raise UsageError(f"--top_p={args.top_p}: must be in (0, 1]")
-    if args.top_k < 0 or args.num_beams < 1:
-        raise UsageError(f"--top_k={args.top_k} / --num_beams={args.num_beams}: need top_k >= 0 and num_beams >= 1")
+    check_model_dir(args.model_dir)
+    check_range(args.max_new_tokens, "--max_new_tokens", minimum=1, integer=True)
+    check_range(args.temperature, "--temperature", minimum=0, note="0 = greedy")
+    check_range(args.top_p, "--top_p", minimum=0, maximum=1, min_exclusive=True)
+    check_range(args.top_k, "--top_k", minimum=0, integer=True, note="0 = no top-k filter")
+    check_range(args.num_beams, "--num_beams", minimum=1, integer=True)
 
 
 def main(argv=None) -> int:
@@ -57,7 +76,7 @@ def generate(args) -> int:
         tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
         model = AutoModelForCausalLM.from_pretrained(args.model_dir).to(device).eval()
     except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot load a model and tokenizer from {args.model_dir!r}: {first_line(exc)}") from exc
+        raise UsageError(f"cannot load a model and tokenizer from {args.model_dir!r}: {one_line(exc)}") from exc
     if args.seed is not None:
         torch.manual_seed(args.seed)
     ids = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]

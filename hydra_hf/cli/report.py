@@ -122,6 +122,22 @@ def health_section(run_dir: str) -> list[str]:
     return lines
 
 
+def _legend(ax, **kwargs) -> None:
+    """`ax.legend(...)` when the axes have labelled artists (matplotlib warns "No artists with labels found to
+    put in legend" otherwise, e.g. a MoR histogram without depth data)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
+def _config_mod_capacity(run_dir: str):
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        value = json.load(f).get("mod_capacity")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def build_report(run_dir: str, out_dir: str | None = None) -> str:
     """Write the report and plots; returns the Markdown path."""
     import matplotlib
@@ -253,7 +269,7 @@ def build_report(run_dir: str, out_dir: str | None = None) -> str:
             ax.plot(steps, loss, label="train loss")
         if eloss:
             ax.plot(esteps, eloss, "o-", label="eval loss")
-        ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), ax.grid(alpha=0.3)
+        ax.set_xlabel("step"), ax.set_ylabel("loss"), _legend(ax), ax.grid(alpha=0.3)
         save(fig, "loss.png", "Loss")
     if lr:
         fig, ax = plt.subplots(figsize=(7, 3))
@@ -266,7 +282,7 @@ def build_report(run_dir: str, out_dir: str | None = None) -> str:
         cs, cv = series(history, "health/clip_threshold")
         if cv:
             ax.plot(cs, cv, "--", label="clip threshold")
-        ax.set_xlabel("step"), ax.set_ylabel("grad norm"), ax.legend(), ax.grid(alpha=0.3)
+        ax.set_xlabel("step"), ax.set_ylabel("grad norm"), _legend(ax), ax.grid(alpha=0.3)
         save(fig, "grad_norm.png", "Gradient norm")
     if mod_keys:
         fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -276,7 +292,16 @@ def build_report(run_dir: str, out_dir: str | None = None) -> str:
             exs, eys = series(history, "eval_" + k)
             if eys:
                 ax.plot(exs, eys, "o--", color=line.get_color(), label=f"layer {_num(k, LAYER_RE)} eval mode")
-        ax.set_xlabel("step"), ax.set_ylabel("MoD selected fraction"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
+        # the capacity the top-k selection targets (the curriculum's, else the config's), on the whole 0-1 range:
+        # a zoomed axis makes ordinary noise around the target look dramatic
+        cxs, cys = series(history, "curriculum/mod_capacity")
+        capacity = _config_mod_capacity(run_dir)
+        if cys:
+            ax.plot(cxs, cys, "k:", linewidth=1.2, label="capacity target")
+        elif capacity is not None:
+            ax.axhline(capacity, color="k", linestyle=":", linewidth=1.2, label="capacity target")
+        ax.set_ylim(0.0, 1.0)
+        ax.set_xlabel("step"), ax.set_ylabel("MoD selected fraction"), _legend(ax, fontsize=7), ax.grid(alpha=0.3)
         save(fig, "mod_fraction.png", "MoD selected fraction per layer: training (top-k) and eval mode (causal rule)")
     if depth_keys:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -286,7 +311,7 @@ def build_report(run_dir: str, out_dir: str | None = None) -> str:
             exs, eys = series(history, "eval_" + k)
             if eys:
                 axes[0].plot(exs, eys, "o--", color=line.get_color(), label=f"block {_num(k, BLOCK_RE)} eval mode")
-        axes[0].set_xlabel("step"), axes[0].set_ylabel("mean depth"), axes[0].legend(fontsize=7)
+        axes[0].set_xlabel("step"), axes[0].set_ylabel("mean depth"), _legend(axes[0], fontsize=7)
         blocks = [_num(k, r"block_(\d+)$") for k in depth_keys]
         bottom = [0.0] * len(blocks)
         depths = sorted({_num(h, r"depth_(\d+)$") for h in last})
@@ -294,7 +319,7 @@ def build_report(run_dir: str, out_dir: str | None = None) -> str:
             vals = [last.get(f"routing/mor_depth_hist/block_{b}/depth_{d}", 0.0) for b in blocks]
             axes[1].bar([str(b) for b in blocks], vals, bottom=bottom, label=f"depth {d}")
             bottom = [x + y for x, y in zip(bottom, vals)]
-        axes[1].set_xlabel("block"), axes[1].set_ylabel("fraction of tokens (last log)"), axes[1].legend(fontsize=7)
+        axes[1].set_xlabel("block"), axes[1].set_ylabel("fraction of tokens (last log)"), _legend(axes[1], fontsize=7)
         save(fig, "mor_depth.png", "MoR depth")
     if util:
         fig, ax = plt.subplots(figsize=(7, 3))
@@ -304,7 +329,7 @@ def build_report(run_dir: str, out_dir: str | None = None) -> str:
         for k in sorted(ent):
             xs, ys = series(history, k)
             ax.plot(xs, ys, "--", label="entropy " + k.rsplit("/", 1)[-1])
-        ax.set_xlabel("step"), ax.set_ylabel("utilisation / entropy"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
+        ax.set_xlabel("step"), ax.set_ylabel("utilisation / entropy"), _legend(ax, fontsize=7), ax.grid(alpha=0.3)
         save(fig, "moe_utilisation.png", "MoE utilisation")
 
     if plots:

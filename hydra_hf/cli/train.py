@@ -1,8 +1,8 @@
 """`hydra-train`: train a HYDRA model with the stock `transformers.Trainer` and the hydra_hf callbacks.
 
 With no arguments it trains a small model (~1.8M parameters, BPE of 2048 tokens, 1000 steps of 16 x 128 tokens)
-on the embedded default corpus - the running Python's own standard library - in 377 s of training on two
-idle CPU cores, and writes a model that `AutoModelForCausalLM` / `AutoTokenizer` load (after `import hydra_hf`).
+on the embedded default corpus - the running Python's own standard library - and writes a model that
+`AutoModelForCausalLM` / `AutoTokenizer` load (after `import hydra_hf`; the README gives the measured time).
 
 Configuration, lowest to highest priority: built-in defaults (`DEFAULTS`), `--config run.yaml` (same
 sections), `--preset`, the dedicated flags, then `--set section.key=value` (repeatable; a bare key is looked
@@ -15,9 +15,15 @@ Sections: `model` (`preset` + any `HydraConfig` field), `tokenizer` (`name`: HF 
 (`RoutingCurriculumCallback` arguments; `enabled: false` to switch it off), `health` (`HealthCallback`),
 `samples` (`prompts`, `every_steps`, `max_new_tokens`), `gpu` (`liger`, `compile`).
 
-User errors (bad flag or value, unknown field, empty or unreadable data file, no checkpoint to resume) are
-checked before any tokenizer or data work and end with exit status 2 and a one-line message naming the value
-and what is allowed (`hydra_hf.cli.errors`); `--debug` shows the traceback.
+User errors (bad flag or value, a number out of range, unknown field, empty or unreadable data file, an output
+directory that cannot be created or written, a missing optional package, no checkpoint to resume) are checked
+before any tokenizer or data work and end with exit status 2 and a one-line message naming the value and what
+is allowed (`hydra_hf.cli.errors`); `--debug` shows the traceback. A failed start leaves an existing output
+directory as it was: the tokenizer and `run_config.yaml` are written only once the data is ready.
+
+Console: a tqdm bar with the headline numbers (loss, lr, tokens/s, MoD fraction, mean MoR depth) and one line
+per evaluation (`hydra_hf.training.progress`); every logged number is in `log_history.jsonl` (written as the
+run goes), `trainer_state.json` and the `report_to` integrations.
 
 Output directory: `checkpoint-*/` (resumable with `--resume`), the final model (`model.safetensors`,
 `config.json`, tokenizer files), `run_config.yaml`, `log_history.jsonl`, `trainer_state.json`,
@@ -36,7 +42,7 @@ import os
 import sys
 import time
 
-from .errors import ArgumentParser, UsageError, check_choice, check_fields, first_line, run_cli
+from .errors import ArgumentParser, UsageError, check_choice, check_fields, check_range, one_line, run_cli
 
 DEFAULTS = {
     "model": {
@@ -115,7 +121,7 @@ def _parse_value(text: str):
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise UsageError(f"--set value {text!r} is not valid YAML ({first_line(exc)})") from exc
+        raise UsageError(f"--set value {text!r} is not valid YAML ({one_line(exc)})") from exc
     if isinstance(value, bool) and text.lower() not in ("true", "false"):
         return text  # YAML 1.1 reads "no"/"yes"/"on"/"off" as booleans; "eval_strategy=no" means the string
     return value
@@ -159,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="hydra-train",
         description="Train a HYDRA language model with the stock Hugging Face Trainer. With no arguments: a "
-        "small model on the Python standard library's own source (377 s of training on 2 idle CPU cores).",
+        "small model on the Python standard library's own source (a few minutes on 2 CPU cores).",
     )
     p.add_argument("--config", help="YAML run config (sections: " + ", ".join(SECTIONS) + ")")
     p.add_argument("--preset", choices=PRESET_NAMES, metavar="PRESET",
@@ -172,10 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="HF tokenizer path/name, 'bpe' (train one) or 'char'")
     p.add_argument("--vocab_size", type=int, help="vocabulary of a trained BPE tokenizer")
     p.add_argument("--block_size", type=int, help="tokens per packed training block")
-    p.add_argument("--max_steps", type=int)
-    p.add_argument("--batch_size", type=int, help="per-device train batch size")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--optimizer", help="adamw, adamw8bit, adafactor, lion, muon")
+    p.add_argument("--max_steps", type=int, help="optimizer steps (>= 1; default 1000)")
+    p.add_argument("--batch_size", type=int, help="per-device train batch size (>= 1)")
+    p.add_argument("--lr", type=float, help="peak learning rate (> 0)")
+    p.add_argument("--optimizer", help="adamw, adamw8bit (needs hydra_hf[quant]), adafactor, lion, muon")
     p.add_argument("--schedule", help="wsd, cosine, linear, constant")
     p.add_argument("--output_dir", default="hydra-run", help="checkpoints, final model and logs (default hydra-run)")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
@@ -183,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (TrainingArguments.torch_compile)")
-    p.add_argument("--liger", action="store_true", help="Liger kernels (kernel_backend='liger'; CUDA only)")
-    p.add_argument("--report_to", help="tensorboard, wandb, none, ...")
+    p.add_argument("--liger", action="store_true",
+                   help="Liger kernels (kernel_backend='liger'; CUDA only; needs hydra_hf[gpu])")
+    p.add_argument("--report_to", help="tensorboard (needs hydra_hf[tensorboard]), wandb, none, ...")
     p.add_argument("--no_curriculum", action="store_true", help="keep routing as configured (no curriculum)")
     p.add_argument("--debug", action="store_true", help="show the full traceback of a user error")
     return p
@@ -202,10 +209,24 @@ def _data_source(text: str, streaming: bool) -> dict:
     return {"name": text, "streaming": streaming}
 
 
+FLAG_FIELDS = {
+    "tokenizer": ("tokenizer", "name"), "vocab_size": ("tokenizer", "vocab_size"),
+    "block_size": ("data", "block_size"), "max_steps": ("training", "max_steps"),
+    "batch_size": ("training", "per_device_train_batch_size"), "lr": ("training", "learning_rate"),
+    "optimizer": ("optimizer", "name"), "schedule": ("optimizer", "schedule"),
+    "report_to": ("training", "report_to"),
+}
+
+
 def resolve_config(args, base: dict | None = None) -> dict:
-    """Defaults (or `base`, e.g. a resumed run's saved config) + --config + --preset + flags + --set."""
+    """Defaults (or `base`, e.g. a resumed run's saved config) + --config + --preset + flags + --set.
+
+    Sets `args.value_origin`: "section.key" -> the flag that gave the value (e.g. "training.max_steps" ->
+    "--max_steps"), so that error messages name what the user typed."""
     import yaml
 
+    origin = {}
+    args.value_origin = origin
     cfg = copy.deepcopy(DEFAULTS)
     if base:
         deep_update(cfg, base)
@@ -214,7 +235,7 @@ def resolve_config(args, base: dict | None = None) -> dict:
             with open(args.config, encoding="utf-8") as f:
                 deep_update(cfg, yaml.safe_load(f) or {})
         except (OSError, yaml.YAMLError) as exc:
-            raise UsageError(f"--config {args.config!r}: cannot read it as YAML ({first_line(exc)})") from exc
+            raise UsageError(f"--config {args.config!r}: cannot read it as YAML ({one_line(exc)})") from exc
     if args.preset:
         shape_keys = ("hidden_size", "intermediate_size", "num_unique_blocks", "mor_recursions",
                       "num_attention_heads", "num_key_value_heads")
@@ -228,17 +249,11 @@ def resolve_config(args, base: dict | None = None) -> dict:
         cfg["data"]["sources"] = [_data_source(d, args.streaming) for d in args.data]
     if args.mixture:
         cfg["data"]["mixture"] = args.mixture
-    flag_map = {
-        "tokenizer": ("tokenizer", "name"), "vocab_size": ("tokenizer", "vocab_size"),
-        "block_size": ("data", "block_size"), "max_steps": ("training", "max_steps"),
-        "batch_size": ("training", "per_device_train_batch_size"), "lr": ("training", "learning_rate"),
-        "optimizer": ("optimizer", "name"), "schedule": ("optimizer", "schedule"),
-        "report_to": ("training", "report_to"),
-    }
-    for flag, (section, key) in flag_map.items():
+    for flag, (section, key) in FLAG_FIELDS.items():
         value = getattr(args, flag)
         if value is not None:
             cfg[section][key] = value
+            origin[f"{section}.{key}"] = f"--{flag}"
     if args.bf16:
         cfg["training"]["bf16"] = True
     if args.gradient_checkpointing:
@@ -255,7 +270,12 @@ def resolve_config(args, base: dict | None = None) -> dict:
     if args.no_curriculum:
         cfg["curriculum"]["enabled"] = False
     for assignment in args.sets:
+        before = copy.deepcopy(cfg)
         apply_set(cfg, assignment)
+        for name in list(origin):  # a --set that overrides a flag's value: messages name the field instead
+            section, key = name.split(".", 1)
+            if cfg[section].get(key) != before[section].get(key):
+                origin.pop(name)
     return cfg
 
 
@@ -278,6 +298,146 @@ def _check_default_types(cfg: dict) -> None:
             if not ok:
                 raise UsageError(f"{section}.{key}={value!r} is not valid; expected {kind.__name__} "
                                  f"(default {default!r})")
+
+
+# (section, key) -> keyword arguments of `check_range`: the numbers hydra-train accepts. A value outside them would
+# start a run that does something else than asked (--max_steps -5: an epoch-based run of thousands of steps;
+# --max_steps 0: one step) or fail with a traceback after the tokenizer and data work (--lr -0.001, --batch_size 0).
+RANGES = {
+    ("training", "max_steps"): dict(minimum=1, integer=True, also=(-1,),
+                                    note="-1 = train for training.num_train_epochs epochs"),
+    ("training", "num_train_epochs"): dict(minimum=0, min_exclusive=True),
+    ("training", "per_device_train_batch_size"): dict(minimum=1, integer=True),
+    ("training", "per_device_eval_batch_size"): dict(minimum=1, integer=True),
+    ("training", "gradient_accumulation_steps"): dict(minimum=1, integer=True),
+    ("training", "learning_rate"): dict(minimum=0, min_exclusive=True),
+    ("training", "max_grad_norm"): dict(minimum=0, note="0 = no clipping"),
+    ("training", "logging_steps"): dict(minimum=0, min_exclusive=True, note="below 1 = a fraction of the run"),
+    ("training", "eval_steps"): dict(minimum=0, min_exclusive=True, also=(None,),
+                                     note="below 1 = a fraction of the run"),
+    ("training", "save_steps"): dict(minimum=0, min_exclusive=True, note="below 1 = a fraction of the run"),
+    ("training", "save_total_limit"): dict(minimum=1, integer=True, also=(None,)),
+    ("training", "dataloader_num_workers"): dict(minimum=0, integer=True),
+    ("data", "block_size"): dict(minimum=2, integer=True),
+    ("data", "eval_fraction"): dict(minimum=0, maximum=1, max_exclusive=True),
+    ("optimizer", "weight_decay"): dict(minimum=0),
+    ("optimizer", "warmup_steps"): dict(minimum=0, integer=True),
+    ("optimizer", "decay_fraction"): dict(minimum=0, maximum=1),
+    ("optimizer", "min_lr_ratio"): dict(minimum=0, maximum=1),
+    ("optimizer", "router_lr_scale"): dict(minimum=0),
+    ("optimizer", "expert_lr_scale"): dict(minimum=0),
+    ("samples", "every_steps"): dict(minimum=0, integer=True, note="0 = only at the end"),
+    ("samples", "max_new_tokens"): dict(minimum=1, integer=True),
+    ("samples", "temperature"): dict(minimum=0, note="0 = greedy"),
+}
+
+
+def _field_name(section: str, key: str, origin: dict | None) -> str:
+    """How a message names a value: the flag the user typed (`--max_steps`), else `section.key`."""
+    return (origin or {}).get(f"{section}.{key}", f"{section}.{key}")
+
+
+def check_ranges(cfg: dict, origin: dict | None = None) -> None:
+    """Numbers within what hydra-train accepts (`RANGES`), named as the user gave them."""
+    for (section, key), limits in RANGES.items():
+        if key in cfg[section]:
+            check_range(cfg[section][key], _field_name(section, key, origin), **limits)
+    betas = cfg["optimizer"].get("betas", (0.9, 0.95))
+    if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        raise UsageError(f"optimizer.betas={betas!r} is not allowed; allowed: two numbers in [0, 1), e.g. [0.9, 0.95]")
+    tok = cfg["tokenizer"]
+    if tok.get("name") in (None, "bpe"):
+        check_range(tok.get("vocab_size", 4096), _field_name("tokenizer", "vocab_size", origin), minimum=258,
+                    integer=True, note="a byte-level BPE needs 256 bytes + EOS + merges")
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_optional_packages(cfg: dict, origin: dict | None = None) -> None:
+    """Features whose package is an optional extra of hydra_hf: one message naming the extra to install."""
+    name = cfg["optimizer"].get("name", "adamw")
+    if name == "adamw8bit":
+        import torch
+
+        if not _installed("bitsandbytes"):
+            raise UsageError(f"{_field_name('optimizer', 'name', origin)}='adamw8bit' needs bitsandbytes, which is "
+                             "not installed: pip install 'hydra_hf[quant]' (or choose adamw, adafactor, lion, muon)")
+        if not torch.cuda.is_available():
+            raise UsageError(f"{_field_name('optimizer', 'name', origin)}='adamw8bit' needs a CUDA GPU; allowed "
+                             "without one: adamw, adafactor, lion, muon")
+    report_to = cfg["training"].get("report_to", "none")
+    targets = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    if "tensorboard" in targets and not (_installed("tensorboard") or _installed("tensorboardX")):
+        raise UsageError(f"{_field_name('training', 'report_to', origin)}={report_to!r} needs tensorboard, which is "
+                         "not installed: pip install 'hydra_hf[tensorboard]' (or report_to none)")
+    if cfg["gpu"].get("liger") and not _installed("liger_kernel"):
+        raise UsageError("--liger (gpu.liger=true) needs liger-kernel, which is not installed: "
+                         "pip install 'hydra_hf[gpu]'")
+
+
+def prepare_output_dir(output_dir: str) -> str | None:
+    """Create `output_dir` (and its missing parents) and check that files can be written in it.
+
+    Returns the topmost folder this call created (None when `output_dir` existed), so that a start that fails
+    later can remove what it made. Raises `UsageError` naming the folder and why: a path under a regular file,
+    a path that is a file, a place where folders cannot be made (/proc/x), a folder without write access."""
+    import tempfile
+
+    allowed = "allowed: a new or existing folder you can write to"
+    if not output_dir:
+        raise UsageError(f"--output_dir={output_dir!r} is not allowed; {allowed}")
+    path = os.path.abspath(output_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--output_dir={output_dir!r} is a file, not a folder; {allowed}")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"--output_dir={output_dir!r} cannot be created: {parent!r} is a file, not a folder; "
+                         f"{allowed}")
+    created = None
+    if parent != path:
+        created = path
+        while os.path.dirname(created) != parent:
+            created = os.path.dirname(created)
+        try:
+            os.makedirs(path, exist_ok=True)  # exist_ok: the other processes of a distributed launch race here
+        except OSError as exc:
+            _remove_created(path, created)
+            raise UsageError(f"--output_dir={output_dir!r} cannot be created ({exc.strerror or one_line(exc)}); "
+                             f"{allowed}") from exc
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".hydra-train-write-test-", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        _remove_created(path, created)
+        raise UsageError(f"--output_dir={output_dir!r} is not writable ({exc.strerror or one_line(exc)}); "
+                         f"{allowed}") from exc
+    return created
+
+
+def _remove_created(path: str, created: str | None) -> None:
+    """Remove the empty folders from `path` up to `created` (what `prepare_output_dir` made)."""
+    if not created:
+        return
+    path, created = os.path.abspath(path), os.path.abspath(created)
+    while True:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+        if path == created:
+            return
+        path = os.path.dirname(path)
 
 
 def _model_config_kwargs(cfg: dict, vocab_size: int) -> tuple[str, dict]:
@@ -307,7 +467,7 @@ def check_model_section(cfg: dict) -> None:
     try:
         HydraConfig.from_preset(preset, **kwargs)
     except (ValueError, TypeError) as exc:
-        raise UsageError(f"model: {first_line(exc)}") from exc
+        raise UsageError(f"model: {one_line(exc)}") from exc
 
 
 def check_data_section(cfg: dict) -> None:
@@ -329,7 +489,7 @@ def check_data_section(cfg: dict) -> None:
     except UsageError:
         raise
     except (ValueError, TypeError, OSError) as exc:
-        message = first_line(exc)
+        message = one_line(exc)
         raise UsageError(message if message.startswith("data") else f"data: {message}") from exc
 
 
@@ -340,9 +500,6 @@ def check_other_sections(cfg: dict) -> None:
     unknown = sorted(set(tok) - {"name", "vocab_size"})
     if unknown:
         raise UsageError(f"tokenizer.{unknown[0]}: unknown key; allowed: name, vocab_size")
-    if tok.get("name") == "bpe" and tok.get("vocab_size", 4096) < 258:
-        raise UsageError(f"tokenizer.vocab_size={tok['vocab_size']!r}: a byte-level BPE needs >= 258 "
-                         "(256 bytes + EOS + merges)")
     opt = cfg["optimizer"]
     unknown = sorted(set(opt) - set(DEFAULTS["optimizer"]))
     if unknown:
@@ -376,14 +533,16 @@ def check_training_section(cfg: dict, output_dir: str):
     try:
         return make_training_args(cfg, output_dir)
     except (ValueError, TypeError) as exc:
-        raise UsageError(f"training: {first_line(exc)}") from exc
+        raise UsageError(f"training: {one_line(exc)}") from exc
 
 
-def validate_config(cfg: dict, output_dir: str):
+def validate_config(cfg: dict, output_dir: str, origin: dict | None = None):
     """Every user-facing check, cheapest first, before the tokenizer or data are touched. Returns the
-    `TrainingArguments`. Raises `UsageError`."""
+    `TrainingArguments`. Raises `UsageError`. `origin`: `args.value_origin` (messages name the flags)."""
     _check_default_types(cfg)
     check_other_sections(cfg)
+    check_ranges(cfg, origin)
+    check_optional_packages(cfg, origin)
     check_model_section(cfg)
     check_data_section(cfg)
     check_callback_sections(cfg)
@@ -426,6 +585,8 @@ def make_training_args(cfg: dict, output_dir: str):
         targs["use_cpu"] = targs.get("use_cpu", not torch.cuda.is_available())
     if targs.get("eval_strategy", "no") == "no":
         targs.pop("metric_for_best_model", None)
+    # pinned host memory only helps copies to an accelerator; without one torch's DataLoader warns about it
+    targs.setdefault("dataloader_pin_memory", _has_accelerator())
     allowed = TrainingArguments.__dataclass_fields__
     unknown = sorted(set(targs) - set(allowed))
     if unknown:
@@ -433,6 +594,15 @@ def make_training_args(cfg: dict, output_dir: str):
     if "dataloader_num_workers" in targs and targs["dataloader_num_workers"] == 0:
         targs.pop("dataloader_persistent_workers", None)
     return TrainingArguments(**targs)
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
 
 
 def build_callbacks(cfg: dict, tokenizer, started_at: float | None = None):
@@ -485,17 +655,28 @@ def train(args) -> int:
             cfg = resolve_config(args, base=yaml.safe_load(f))
     else:
         cfg = resolve_config(args)
-    training_args = validate_config(cfg, output_dir)
+    training_args = validate_config(cfg, output_dir, getattr(args, "value_origin", None))
+    created = prepare_output_dir(output_dir)
+    try:
+        return _train(args, cfg, training_args, output_dir, resume, t_start)
+    except UsageError:
+        _remove_created(output_dir, created)  # a failed start leaves no new empty folder behind
+        raise
 
+
+def _train(args, cfg, training_args, output_dir, resume, t_start) -> int:
+    import yaml
     from transformers import AutoTokenizer, Trainer
 
     from .. import HydraForCausalLM
     from ..training import RunTotalsCallback, add_callbacks, build_optimizer, build_scheduler
     from ..training.callbacks import unwrap
     from ..training.model_card import write_model_card
-    from ..training.data import DataConfig, PackedCollator, build_datasets, load_mixture_yaml, load_or_train_tokenizer
+    from ..training.data import (DataConfig, PackedCollator, build_datasets, load_mixture_yaml,
+                                 load_or_train_tokenizer, save_tokenizer)
+    from ..training.progress import use_compact_progress
 
-    os.makedirs(output_dir, exist_ok=True)
+    saved_cfg = os.path.join(output_dir, "run_config.yaml")
     data_cfg_dict = dict(cfg["data"])
     mixture = data_cfg_dict.pop("mixture", None)
     data_config = load_mixture_yaml(mixture) if mixture else DataConfig(**data_cfg_dict)
@@ -506,25 +687,30 @@ def train(args) -> int:
     # under `accelerate launch` / torchrun the main process builds the tokenizer and data first
     try:
         with training_args.main_process_first(desc="tokenizer and data"):
-            if os.path.isdir(tok_dir) and (resume or not training_args.process_index == 0):
+            new_tokenizer = not (os.path.isdir(tok_dir) and (resume or not training_args.process_index == 0))
+            if not new_tokenizer:
                 tokenizer = AutoTokenizer.from_pretrained(tok_dir)
             else:
                 t0 = time.time()
                 tokenizer = load_or_train_tokenizer(cfg["tokenizer"].get("name"), data_config,
-                                                    vocab_size=int(cfg["tokenizer"].get("vocab_size", 4096)),
-                                                    save_dir=tok_dir)
+                                                    vocab_size=int(cfg["tokenizer"].get("vocab_size", 4096)))
                 logger.info(f"tokenizer ready ({len(tokenizer)} tokens) in {time.time() - t0:.1f}s")
-                with open(saved_cfg, "w", encoding="utf-8") as f:
-                    yaml.safe_dump(cfg, f, sort_keys=False)
             t0 = time.time()
             train_ds, eval_ds = build_datasets(data_config, tokenizer)
+            if new_tokenizer:
+                # written once the data is ready: a start that fails on its data leaves the folder as it was
+                save_tokenizer(tokenizer, tok_dir)
+                with open(saved_cfg, "w", encoding="utf-8") as f:
+                    yaml.safe_dump(cfg, f, sort_keys=False)
     except (ValueError, OSError) as exc:  # a tokenizer that cannot be loaded, data too short for one block, ...
-        raise UsageError(first_line(exc)) from exc
+        raise UsageError(one_line(exc)) from exc
     logger.info(f"data ready in {time.time() - t0:.1f}s: train {getattr(train_ds, 'num_rows', '?')} blocks, "
                 f"eval {getattr(eval_ds, 'num_rows', '?') if eval_ds is not None else 0} blocks of "
                 f"{data_config.block_size} tokens")
 
     config = build_model_config(cfg, tokenizer)
+    # the saved tokenizer states the model's context (its own default is a "no limit" 1e6 for packing)
+    tokenizer.model_max_length = config.max_position_embeddings
     if eval_ds is None and training_args.eval_strategy != "no":
         training_args.eval_strategy = "no"
     import torch
@@ -562,6 +748,8 @@ def train(args) -> int:
         optimizers=(optimizer, scheduler),
     )
     add_callbacks(trainer, build_callbacks(cfg, tokenizer, started_at=t_start))
+    # the console gets a progress bar with headline numbers; every number goes to log_history.jsonl (live)
+    use_compact_progress(trainer, log_file=os.path.join(output_dir, "log_history.jsonl"))
 
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)
@@ -574,9 +762,14 @@ def train(args) -> int:
     metrics["segments"] = totals["segments"]
     metrics["train_seconds"] = totals["train_seconds"]
     if eval_ds is not None:
-        metrics.update(trainer.evaluate())
+        last_eval = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
+        if last_eval is not None and last_eval.get("step") == trainer.state.global_step:
+            # the run ended on an evaluation: the same model, the same numbers (no second pass, no repeated line)
+            metrics.update({k: v for k, v in last_eval.items() if k != "step"})
+        else:
+            metrics.update(trainer.evaluate())
     trainer.save_model(output_dir)
-    tokenizer.save_pretrained(output_dir)
+    save_tokenizer(tokenizer, output_dir)
     trainer.save_state()
     with open(os.path.join(output_dir, "log_history.jsonl"), "w", encoding="utf-8") as f:
         for entry in trainer.state.log_history:

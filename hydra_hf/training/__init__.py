@@ -19,11 +19,13 @@ from .callbacks import (
     flatten_numbers,
     parameter_group,
 )
+from .progress import CompactProgressCallback, use_compact_progress
 from .run_totals import RunTotalsCallback
 from .optim import OPTIMIZERS, SCHEDULES, Lion, MultiOptimizer, build_optimizer, build_scheduler, param_groups
 
 __all__ = [
     "BestCheckpointCallback",
+    "CompactProgressCallback",
     "HealthCallback",
     "LossProbe",
     "RoutingCurriculumCallback",
@@ -41,4 +43,5 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "param_groups",
+    "use_compact_progress",
 ]

@@ -28,7 +28,11 @@ split is the last `eval_fraction` of each source's blocks (streaming sources: th
 
 Tokenizers (`load_or_train_tokenizer`): any HF tokenizer path/name, ``"bpe"`` (train a byte-level BPE of
 `vocab_size` on the training text with `tokenizers`) or ``"char"`` (one token per character); the last
-two are saved as a `PreTrainedTokenizerFast`, loadable with `AutoTokenizer`.
+two are saved (`save_tokenizer`) as a plain `PreTrainedTokenizerFast` (`tokenizer.json` +
+`tokenizer_config.json` naming that stock class, no `auto_map`), which loads without hydra_hf and without
+remote code: `PreTrainedTokenizerFast.from_pretrained(folder)`, or `AutoTokenizer` (see `save_tokenizer`).
+`special_token_ids(tokenizer)` gives the BOS / EOS / PAD ids for a `HydraConfig`, so that the config and the
+tokenizer agree before a `Trainer` sees them.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ from dataclasses import dataclass, field
 import torch
 
 EOS_TOKEN = "<|endoftext|>"
+# model_max_length of the trained tokenizers while they pack documents (hydra-train saves the final model's
+# tokenizer with the model's max_position_embeddings)
+UNLIMITED_LENGTH = 1_000_000
 TEXT_EXTENSIONS = (".txt", ".text", ".md", ".py", ".rst")
 SOURCE_KEYS = {"path", "name", "config", "split", "streaming", "weight", "domain", "text_field", "stdlib",
                "max_bytes", "sample_by", "data_dir"}
@@ -283,9 +290,9 @@ def train_bpe_tokenizer(texts, vocab_size: int = 4096, save_dir: str | None = No
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
-                                 pad_token=EOS_TOKEN, model_max_length=1_000_000)
+                                 pad_token=EOS_TOKEN, model_max_length=UNLIMITED_LENGTH)
     if save_dir:
-        hf.save_pretrained(save_dir)
+        save_tokenizer(hf, save_dir)
     return hf
 
 
@@ -308,10 +315,46 @@ def build_char_tokenizer(texts, save_dir: str | None = None, add_eos: bool = Tru
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     special = dict(bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN) if add_eos else {}
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1_000_000, **special)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=UNLIMITED_LENGTH, **special)
     if save_dir:
-        hf.save_pretrained(save_dir)
+        save_tokenizer(hf, save_dir)
     return hf
+
+
+def save_tokenizer(tokenizer, save_dir: str) -> None:
+    """`tokenizer.save_pretrained(save_dir)`; a tokenizer of the `tokenizers` library (the trained BPE / char
+    ones) is recorded as the stock `PreTrainedTokenizerFast` class.
+
+    transformers 5 names that class `TokenizersBackend` in `tokenizer_config.json`; `PreTrainedTokenizerFast`
+    is the name both transformers 4 and 5 (and other readers of Hub tokenizers) resolve. No `auto_map` is
+    written, so nothing routes the tokenizer to remote code. (`AutoTokenizer.from_pretrained` of a folder that
+    also holds a HYDRA `config.json` still reads that config first - transformers always does - which needs
+    `import hydra_hf` or `trust_remote_code=True`; `PreTrainedTokenizerFast.from_pretrained` does not.)
+    """
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer.save_pretrained(save_dir)
+    path = os.path.join(save_dir, "tokenizer_config.json")
+    if type(tokenizer) is not PreTrainedTokenizerFast or not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    data["tokenizer_class"] = "PreTrainedTokenizerFast"
+    data.pop("auto_map", None)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def special_token_ids(tokenizer) -> dict:
+    """`bos_token_id` / `eos_token_id` / `pad_token_id` of `tokenizer`, to pass to `HydraConfig` (or
+    `HydraConfig.from_preset`): with the config and the tokenizer agreeing, the `Trainer` has nothing to
+    realign (transformers warns "The tokenizer has new PAD/BOS/EOS tokens that differ from the model config"
+    when they differ). A tokenizer without a PAD token pads with EOS, as `load_or_train_tokenizer` sets it."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": pad}
 
 
 def load_or_train_tokenizer(spec: str | None, data_config: DataConfig, vocab_size: int = 4096,
@@ -334,7 +377,7 @@ def load_or_train_tokenizer(spec: str | None, data_config: DataConfig, vocab_siz
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if save_dir:
-        tok.save_pretrained(save_dir)
+        save_tokenizer(tok, save_dir)
     return tok
 
 
@@ -352,7 +395,9 @@ def pack_dataset(ds, tokenizer, block_size: int, domain: int | None = None, num_
         raise ValueError("the tokenizer needs an EOS token for packing")
 
     def pack(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        # whole documents, cut into blocks below: their length is not the model's input length, so no
+        # "Token indices sequence length is longer than the specified maximum" warning (verbose=False)
+        ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
         flat = []
         for seq in ids:
             flat.extend(seq)
@@ -441,6 +486,8 @@ __all__ = [
     "load_source_dataset",
     "normalise_source",
     "pack_dataset",
+    "save_tokenizer",
+    "special_token_ids",
     "stdlib_corpus",
     "stdlib_files",
     "train_bpe_tokenizer",

@@ -5,7 +5,8 @@ transformers LR scheduler; hand both to the Trainer with `Trainer(..., optimizer
 
 Optimisers (`OPTIMIZERS`):
 - ``adamw``: `torch.optim.AdamW`, `fused=True` when every parameter is on CUDA (default).
-- ``adamw8bit``: bitsandbytes `AdamW8bit` (CUDA; fails with a clear message where bitsandbytes cannot run).
+- ``adamw8bit``: bitsandbytes `AdamW8bit` (CUDA; the `hydra_hf[quant]` extra; fails with a clear message naming
+  the extra where bitsandbytes is missing or cannot run).
 - ``adafactor``: transformers' `Adafactor` with an explicit LR (no relative step).
 - ``lion``: `Lion` below (sign of an interpolated momentum; use ~3-10x smaller LR than AdamW).
 - ``muon``: `torch.optim.Muon` for the 2-D weight matrices of the blocks and experts, AdamW for everything
@@ -200,8 +201,12 @@ def build_optimizer(
     if name == "adamw8bit":
         try:
             import bitsandbytes as bnb
-        except Exception as exc:  # noqa: BLE001 - any import failure means the same to the user
-            raise RuntimeError(f"optimizer 'adamw8bit' needs bitsandbytes, which failed to import: {exc}") from exc
+        except ModuleNotFoundError as exc:
+            raise RuntimeError("optimizer 'adamw8bit' needs bitsandbytes, which is not installed: "
+                               "pip install 'hydra_hf[quant]'") from exc
+        except Exception as exc:  # noqa: BLE001 - installed but broken: the same remedy, with the reason
+            raise RuntimeError(f"optimizer 'adamw8bit' needs bitsandbytes, which failed to import ({exc}): "
+                               "pip install 'hydra_hf[quant]'") from exc
         if not on_cuda:
             raise RuntimeError(
                 "optimizer 'adamw8bit' (bitsandbytes AdamW8bit) needs the model on a CUDA GPU; on CPU use "
