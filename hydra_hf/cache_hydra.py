@@ -345,26 +345,34 @@ class HydraDynamicLayer(HydraLayerMixin, DynamicLayer):
 
 
 class HydraStaticLayer(HydraLayerMixin, StaticLayer):
-    """Preallocated layer of `HydraStaticCache`: column i holds step i, written in place; the step count is the
-    cache's (0-dim tensor, shared by every layer), so a compiled decode step reads no Python state."""
+    """Preallocated layer of `HydraStaticCache`: column i holds step i, written in place; the step count is a 0-dim
+    tensor (`cumulative_length`, as in transformers' `StaticLayer`), so a compiled decode step reads no Python state.
+
+    Every layer owns its counter and the cache advances them together (no tensor is shared between layers: an
+    exported graph takes each counter as its own input, and aliased inputs do not export)."""
 
     is_compileable = True
     _batch_tensors = ("keys", "values", "key_valid", "rolling", "rolling_steps")
 
-    def __init__(self, max_cache_len: int, rolling_width: int = 1, step_counter: torch.Tensor | None = None, **kwargs):
+    def __init__(self, max_cache_len: int, rolling_width: int = 1, **kwargs):
         super().__init__(max_cache_len=max_cache_len, **kwargs)
         self._init_hydra_state(rolling_width)
-        self.step_counter = step_counter if step_counter is not None else torch.zeros((), dtype=torch.long)
+        self.cumulative_length = torch.zeros((), dtype=torch.long)  # input steps seen (transformers' field name)
         self.key_valid: torch.Tensor | None = None  # (B, max_cache_len) bool
         self.key_steps: torch.Tensor | None = None  # (B, max_cache_len) int32 = arange (a broadcast view, no storage)
 
     @property
+    def step_counter(self) -> torch.Tensor:
+        """The 0-dim step count (`cumulative_length`)."""
+        return self.cumulative_length
+
+    @property
     def seen(self) -> int:
-        return int(self.step_counter)
+        return int(self.cumulative_length)
 
     @seen.setter
     def seen(self, value: int) -> None:
-        self.step_counter.fill_(value)
+        self.cumulative_length.fill_(value)
 
     @property
     def is_croppable(self) -> bool:
@@ -400,7 +408,7 @@ class HydraStaticLayer(HydraLayerMixin, StaticLayer):
             self.lazy_initialization(key_states, value_states)
         B, Hk, K, h = key_states.shape
         if steps is None:
-            steps = (torch.arange(K, device=key_states.device) + self.step_counter).expand(B, K)
+            steps = (torch.arange(K, device=key_states.device) + self.cumulative_length).expand(B, K)
         if valid is None:
             valid = torch.ones(B, K, dtype=torch.bool, device=key_states.device)
         col = steps.long().clamp(max=self.max_cache_len - 1)  # (B, K)
@@ -435,7 +443,7 @@ class HydraStaticLayer(HydraLayerMixin, StaticLayer):
             self.key_valid.zero_()
         self.rolling = self.rolling_steps = None
         self.record_past, self.record_start = False, 0
-        self.step_counter.zero_()
+        self.cumulative_length.zero_()
 
 
 class HydraCacheMixin:
@@ -544,24 +552,28 @@ class HydraStaticCache(HydraCacheMixin, StaticCache):
             raise ValueError("HydraStaticCache needs the model's HydraConfig (config=model.config), as StaticCache does")
         num_layers, rolling_width = self._layer_layout("HydraStaticCache", config, num_layers)
         super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)  # StaticCache's own constructor ...
-        # ... then HYDRA's layers, which share one step counter
-        self.step_counter = torch.zeros((), dtype=torch.long)
-        self.layers = [HydraStaticLayer(max_cache_len, rolling_width, self.step_counter) for _ in range(num_layers)]
+        # ... then HYDRA's layers, each with its step counter (advanced together)
+        self.layers = [HydraStaticLayer(max_cache_len, rolling_width) for _ in range(num_layers)]
         self.layer_class_to_replicate = None
         self.max_cache_len = max_cache_len
 
+    @property
+    def step_counter(self) -> torch.Tensor:
+        """The 0-dim tensor of input steps seen (every layer keeps the same count; this is the first layer's)."""
+        return self.layers[0].cumulative_length
+
     def place(self, device: torch.device) -> None:
-        """Put the step counter on the model's device (once, at the first forward)."""
-        if self.step_counter.device != device:
-            self.step_counter = self.step_counter.to(device)
-            for layer in self.layers:
-                layer.step_counter = self.step_counter
+        """Put the step counters on the model's device (once, at the first forward)."""
+        for layer in self.layers:
+            if layer.cumulative_length.device != device:
+                layer.cumulative_length = layer.cumulative_length.to(device)
 
     def advance(self, num_tokens: int) -> None:
-        self.step_counter.add_(num_tokens)
+        for layer in self.layers:
+            layer.cumulative_length.add_(num_tokens)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.step_counter)
+        return int(self.layers[layer_idx].cumulative_length)
 
 
 HydraCacheLayer = HydraDynamicLayer  # the name before the dynamic / static split

@@ -719,7 +719,7 @@ class TokenStream:
     token_valid: torch.Tensor | None  # (B, T) bool real tokens; None = all
     sequence_ids: torch.Tensor | None  # (B, T) packed-sequence ids; None = one sequence per row
     past_length: int | torch.Tensor  # a 0-dim tensor on the static cache (a compiled decode step reads no Python int)
-    fixed_shape_decode: bool  # a one-token step on the static cache: every row computes its token
+    fixed_shapes: bool  # the static cache: no shape or branch depends on the data (compiles with fullgraph, exports)
 
     @property
     def batch_size(self) -> int:
@@ -742,7 +742,6 @@ class TokenStream:
                 )
         else:
             past = cache.get_seq_length() if cache is not None else 0
-        fixed_shape_decode = static and T == 1
         token_valid = None
         if attention_mask is not None:
             if attention_mask.ndim != 2:
@@ -762,7 +761,7 @@ class TokenStream:
                 token_valid = attention_mask.gather(1, idx.unsqueeze(0).expand(B, -1)).bool()
             else:
                 token_valid = attention_mask[:, -T:].bool()
-            if not fixed_shape_decode and bool(token_valid.all()):  # (a static-cache decode step never syncs)
+            if not static and bool(token_valid.all()):  # (the static cache never syncs: fixed shapes)
                 token_valid = None
         steps = (torch.arange(T, device=inputs_embeds.device) + past).unsqueeze(0).expand(B, -1)  # (B, T)
         sequence_ids = None
@@ -773,10 +772,11 @@ class TokenStream:
                 position_ids = positions.gather(1, steps.clamp(max=attention_mask.shape[1] - 1))
         else:
             position_ids = (position_ids.unsqueeze(0) if position_ids.ndim == 1 else position_ids).expand(B, -1)
-            sequence_ids = sequence_ids_from_positions(position_ids, token_valid)
+            if not (static and torch.compiler.is_compiling()):  # (a traced static-cache step checks nothing here)
+                sequence_ids = sequence_ids_from_positions(position_ids, token_valid)
             if sequence_ids is not None and static:
                 raise ValueError("packed sequences (position_ids restarting inside a row) need the dynamic HydraCache")
-        return cls(steps, position_ids, token_valid, sequence_ids, past, fixed_shape_decode)
+        return cls(steps, position_ids, token_valid, sequence_ids, past, static)
 
     def tokens_for(
         self, selection: LayerSelection, position_embeddings: tuple[torch.Tensor, torch.Tensor], output_attentions: bool
@@ -965,7 +965,7 @@ class HydraModel(HydraPreTrainedModel):
         routing = RoutingPass(
             config, self.routing_state, self.mod_routers, self.mor_routers, self.num_recursion_groups,
             batch_size=stream.batch_size, length=stream.length, token_valid=stream.token_valid,
-            sequence_ids=stream.sequence_ids, fixed_shape_decode=stream.fixed_shape_decode,
+            sequence_ids=stream.sequence_ids, fixed_shapes=stream.fixed_shapes,
         )
         expert_inputs = routing.expert_inputs(domain_labels, inputs_embeds.device) if len(self.moe_blocks) else {}
 
