@@ -427,11 +427,10 @@ class HydraAttention(HydraCCAProjection):
 
         implementation = self.config._attn_implementation
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        if (
-            implementation == "sdpa"
-            and K == 1
-            and query.device.type == "cpu"
-            and B * self.num_key_value_heads * S >= DECODE_MATMUL_MIN_KEYS
+        if K == 1 and implementation == "sdpa" and not tokens.output_attentions and (
+            # an exported decode step always takes the grouped matmuls: no branch on the (dynamic) batch size
+            torch.compiler.is_exporting()
+            or (query.device.type == "cpu" and B * self.num_key_value_heads * S >= DECODE_MATMUL_MIN_KEYS)
         ):
             attention_interface = grouped_decode_attention
         attn_output, attn_weights = attention_interface(
