@@ -2,6 +2,10 @@
 
 from setuptools import find_packages, setup
 
+# export: hydra-export and hydra_hf.export_hydra (transformers' OnnxExporter and ONNX Runtime, ExecuTorch); dev takes
+# them too, so that CI runs tests/test_export.py.
+EXPORT_REQUIRES = ["onnx>=1.18", "onnxscript>=0.5", "onnxruntime>=1.20", "executorch>=1.0"]
+
 setup(
     name="hydra_hf",
     version="0.1.0",
@@ -36,12 +40,13 @@ setup(
     ],
     # lm_eval: tests/test_evaluation.py runs the harness's `hf` model on HYDRA (docs/evaluation.md);
     # trl: tests/test_finetuning.py trains HYDRA with TRL's SFTTrainer (its fused LM head is 1.x).
-    extras_require={"dev": ["pytest>=8.0", "lm_eval>=0.4.8", "trl>=1.16,<2"]},
+    extras_require={"dev": ["pytest>=8.0", "lm_eval>=0.4.8", "trl>=1.16,<2", *EXPORT_REQUIRES], "export": EXPORT_REQUIRES},
     entry_points={
         "console_scripts": [
             "hydra-train=hydra_hf.cli.train:main",
             "hydra-generate=hydra_hf.cli.generate:main",
             "hydra-report=hydra_hf.cli.report:main",
+            "hydra-export=hydra_hf.cli.export:main",
         ]
     },
 )

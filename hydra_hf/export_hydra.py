@@ -248,6 +248,11 @@ def export_for_decoding(
                 components[name] = exporter.export(model, copy.deepcopy(inputs), config).components["model"]
             except Exception as exc:
                 raise RuntimeError(f"{type(exporter).__name__} failed on HYDRA's {name} graph: {exc}") from exc
+            if isinstance(components[name].program, torch.export.ExportedProgram):
+                # The traced example inputs hold a HYDRA cache object, which a saved `.pt2` would pickle and
+                # `torch.export.load`'s weights-only unpickler refuses (it falls back to a full unpickle, with a
+                # broken warning). Running the program never reads them.
+                components[name].program.example_inputs = None
     generation_config = GenerationConfig(
         cache_implementation="static", max_cache_len=max_cache_len, do_sample=False,
         pad_token_id=model.config.pad_token_id, bos_token_id=model.config.bos_token_id,

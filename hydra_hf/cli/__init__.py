@@ -1,1 +1,2 @@
-"""Console scripts: `hydra-train` (`train`), `hydra-generate` (`generate`), `hydra-report` (`report`)."""
+"""Console scripts: `hydra-train` (`train`), `hydra-generate` (`generate`), `hydra-report` (`report`),
+`hydra-export` (`export`)."""
