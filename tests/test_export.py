@@ -134,8 +134,8 @@ def test_dynamo_export_saves_and_loads_back_with_the_runner(tmp_path):
 
 @pytest.mark.parametrize("mode", ["mor_token", "static"])
 def test_other_routing_modes_export_one_step(mode):
-    """Token-choice MoR and static routing (the middle-cycle layout exports too, docs/deploy.md): prefill and a decode step through torch.export
-    give eager's logits (a left-padded batch of 2)."""
+    """Token-choice MoR and static routing (the middle-cycle layout exports too, docs/deploy.md): prefill and a
+    decode step through torch.export give eager's logits (a left-padded batch of 2)."""
     from transformers.exporters.exporter_dynamo import DynamoConfig, DynamoExporter
 
     model = tiny_model(**ROUTING_MODES[mode]).eval()
