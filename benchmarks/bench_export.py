@@ -25,7 +25,13 @@ round); "best" is the fastest round (what a step costs when no other process int
 "median" the median round. Also: whether ONNX Runtime's greedy tokens equal eager's (token for token), the exported
 file sizes (graph + weights of each component) and the static cache's bytes.
 
+With --equality, first: HYDRA at the preset's own shape, routing off and MoD + MoR (weights with std
+--equality_std so that greedy sequences move and the routers process some tokens and skip others), exported to ONNX
+with a dynamic batch, greedy decode of 32 tokens on ONNX Runtime against eager `generate()` for batch 1 and a
+left-padded batch of 2 (tokens equal, distinct tokens, largest logit difference).
+
     python benchmarks/bench_export.py [--preset debug --vocab 32000 --prompt 32 --new_tokens 64 --threads 2]
+    python benchmarks/bench_export.py --equality --no_compile --new_tokens 0   # only the equality table
     python benchmarks/bench_export.py --preset tiny --vocab 97 --new_tokens 16 --no_compile   # smoke test
 """
 
@@ -189,6 +195,46 @@ def cache_bytes(cache) -> int:
     return storage_bytes(t for layer in cache.layers for t in vars(layer).values() if torch.is_tensor(t))
 
 
+def equality(args):
+    """Greedy decode on ONNX Runtime vs eager generate() at the preset's shape: routing off and MoD + MoR."""
+    from hydra_hf.export_hydra import eager_greedy_decode, greedy_decode
+
+    print(f"\n## ONNX Runtime greedy decode vs eager generate(), {args.preset} (vocab {args.vocab}), 32 tokens\n")
+    print("| routing | batch | tokens equal | distinct new tokens | max abs logit diff | routed fraction |")
+    print("|---|---|---|---|---|---|")
+    results = []
+    for routing, extra in (("off", {}), ("MoD + MoR", dict(mod_enabled=True, mor_enabled=True))):
+        if routing != "off" and HydraConfig.from_preset(args.preset).mor_recursions < 2:
+            extra["mor_recursions"] = 2
+        torch.manual_seed(0)
+        config = HydraConfig.from_preset(args.preset, vocab_size=args.vocab, kernel_backend="torch",
+                                         initializer_range=args.equality_std, **extra)
+        model = HydraForCausalLM(config).eval()
+        exported = export_for_decoding(model, "onnx", max_cache_len=64, batch_size=2, prompt_length=16,
+                                       dynamic_batch=True)
+        for batch in (1, 2):
+            generator = torch.Generator().manual_seed(batch)
+            ids = torch.randint(1, args.vocab, (batch, 16), generator=generator)
+            mask = torch.ones_like(ids)
+            if batch == 2:
+                ids[1, :5], mask[1, :5] = 0, 0
+            got, logits = greedy_decode(exported, ids, mask, max_new_tokens=32, return_logits=True)
+            want = eager_greedy_decode(model, ids, mask, max_new_tokens=32)
+            with torch.no_grad():
+                cache = HydraStaticCache(config, max_cache_len=64)
+                full = torch.cat([mask, torch.ones(batch, 32, dtype=mask.dtype)], 1)
+                eager = model(want[:, :-1], attention_mask=full[:, :-1], cache=cache).logits[:, 15:]
+                record = model(ids, attention_mask=mask).routing
+            fractions = [round(float(f), 2) for f in record.mod_selected_fraction.values()]
+            row = dict(routing=routing, batch=batch, equal=bool(torch.equal(got, want)),
+                       distinct=len(set(got[:, 16:].flatten().tolist())), max_diff=float((logits - eager).abs().max()),
+                       mod_fractions=fractions)
+            results.append(row)
+            print(f"| {routing} | {batch} | {row['equal']} | {row['distinct']} | {row['max_diff']:.1e} | "
+                  f"{fractions or '-'} |", flush=True)
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="debug", help="HYDRA preset (the Llama copies its shape)")
@@ -199,16 +245,25 @@ def main():
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
     parser.add_argument("--no_compile", action="store_true", help="skip the torch.compile column")
+    parser.add_argument("--equality", action="store_true", help="first the ONNX Runtime vs eager equality table")
+    parser.add_argument("--equality_std", type=float, default=0.1, help="weight std of the equality models")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     assert args.prompt + args.new_tokens <= args.max_cache_len and args.new_tokens % args.rounds == 0
     torch.set_num_threads(args.threads)
+    report = {"args": vars(args), "models": {}}
+    if args.equality:
+        report["equality"] = equality(args)
+    if args.new_tokens == 0:
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=2)
+        return
     import onnxruntime as ort
     from transformers.exporters.base import ExportedModel
 
     hydra_config = HydraConfig.from_preset(args.preset, vocab_size=args.vocab, kernel_backend="torch")
     wrappers = [Hydra(hydra_config), Llama(hydra_config)]
-    report = {"args": vars(args), "models": {}}
     loops, compile_s = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for w in wrappers:

@@ -254,8 +254,8 @@ class HydraDynamicLayer(HydraLayerMixin, DynamicLayer):
                 steps = (torch.arange(K, device=key_states.device) + steps).expand(B, K)
         else:
             self._materialize_steps(B)  # routed columns: rows differ, the steps are stored
-        if valid is not None and bool(valid.all()):
-            valid = None
+        if valid is not None and not torch.compiler.is_exporting() and bool(valid.all()):
+            valid = None  # (an exported graph keeps the validity: no branch on the data)
         if valid is not None and self.key_valid is None:
             self.key_valid = torch.ones(B, used, dtype=torch.bool, device=key_states.device)  # the columns so far
         if self.key_valid is not None:

@@ -467,8 +467,9 @@ class HydraAttention(HydraCCAProjection):
         static = isinstance(cache, HydraStaticCache)
         if tokens.every_step and isinstance(past, int):
             steps = past  # the forward's steps in order: a dense layer keeps its steps implicit
-        elif not tokens.every_step and tokens.cache_every_step and K < T and tokens.sequence_ids is None and not static:
-            # Only padding was left out: cache one column per input step (padding invalid), as Llama does.
+        elif not tokens.every_step and tokens.cache_every_step and tokens.sequence_ids is None and not static:
+            # Only padding was left out: cache one column per input step (padding invalid), as Llama does (also
+            # when some row kept every token, K = T: the layout never depends on the data).
             cols = (tokens.steps - past).long()  # (B, K) unique per row
             spread = cols[:, None, :, None].expand(B, Hk, K, h)
             key = key.new_zeros(B, Hk, T, h).scatter(2, spread, key)
@@ -718,7 +719,7 @@ class TokenStream:
     token_valid: torch.Tensor | None  # (B, T) bool real tokens; None = all
     sequence_ids: torch.Tensor | None  # (B, T) packed-sequence ids; None = one sequence per row
     past_length: int | torch.Tensor  # a 0-dim tensor on the static cache (a compiled decode step reads no Python int)
-    fixed_shapes: bool  # the static cache: no shape or branch depends on the data (compiles with fullgraph, exports)
+    fixed_shapes: bool  # the static cache or torch.export: no shape or branch depends on the data
 
     @property
     def batch_size(self) -> int:
@@ -732,6 +733,9 @@ class TokenStream:
     def build(cls, inputs_embeds: torch.Tensor, attention_mask, position_ids, cache) -> "TokenStream":
         B, T, _ = inputs_embeds.shape
         static = isinstance(cache, HydraStaticCache)
+        # Fixed shapes (no shape or branch that depends on the data): always on the static cache, and on any cache
+        # (or none) while torch.export traces, so that an exported graph serves every input of its shapes.
+        fixed = static or torch.compiler.is_exporting()
         if static:
             past = cache.step_counter  # stays a tensor
             if not torch.compiler.is_compiling() and int(past) + T > cache.max_cache_len:
@@ -760,7 +764,7 @@ class TokenStream:
                 token_valid = attention_mask.gather(1, idx.unsqueeze(0).expand(B, -1)).bool()
             else:
                 token_valid = attention_mask[:, -T:].bool()
-            if not static and bool(token_valid.all()):  # (the static cache never syncs: fixed shapes)
+            if not fixed and bool(token_valid.all()):  # (fixed shapes never sync)
                 token_valid = None
         steps = (torch.arange(T, device=inputs_embeds.device) + past).unsqueeze(0).expand(B, -1)  # (B, T)
         sequence_ids = None
@@ -771,11 +775,12 @@ class TokenStream:
                 position_ids = positions.gather(1, steps.clamp(max=attention_mask.shape[1] - 1))
         else:
             position_ids = (position_ids.unsqueeze(0) if position_ids.ndim == 1 else position_ids).expand(B, -1)
-            if not (static and torch.compiler.is_compiling()):  # (a traced static-cache step checks nothing here)
+            # (a traced fixed-shape graph takes every row as one sequence: finding restarts is data-dependent)
+            if not (fixed and torch.compiler.is_compiling()):
                 sequence_ids = sequence_ids_from_positions(position_ids, token_valid)
             if sequence_ids is not None and static:
                 raise ValueError("packed sequences (position_ids restarting inside a row) need the dynamic HydraCache")
-        return cls(steps, position_ids, token_valid, sequence_ids, past, static)
+        return cls(steps, position_ids, token_valid, sequence_ids, past, fixed)
 
     def tokens_for(
         self, selection: LayerSelection, position_embeddings: tuple[torch.Tensor, torch.Tensor], output_attentions: bool
