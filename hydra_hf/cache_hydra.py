@@ -195,7 +195,7 @@ class HydraLayerMixin:
 
     def owned_tensors(self) -> list[torch.Tensor]:
         """Every tensor this layer keeps alive (what `storage_bytes` counts)."""
-        return [t for t in (getattr(self, n) for n in self._batch_tensors + ("_key_buffer", "_value_buffer")) if t is not None]
+        return [t for t in (getattr(self, n) for n in self._batch_tensors) if t is not None]
 
     def __repr__(self):
         return f"{type(self).__name__}(columns={self.num_columns()}, seen={self.seen})"
@@ -214,8 +214,6 @@ class HydraDynamicLayer(HydraLayerMixin, DynamicLayer):
         self.key_valid: torch.Tensor | None = None  # (B, S) bool; None = every column valid
         self.key_steps: torch.Tensor | None = None  # (B, S) int32; None = column j is step j
         self.seen = 0  # input steps seen
-        self._key_buffer: torch.Tensor | None = None  # storage behind `keys` (B, Hk, S + spare, h)
-        self._value_buffer: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -262,8 +260,8 @@ class HydraDynamicLayer(HydraLayerMixin, DynamicLayer):
             self.key_valid = self._cat(self.key_valid, valid if valid is not None else self._ones(B, K))
         if self.key_steps is not None:
             self.key_steps = self._cat(self.key_steps, steps.to(torch.int32))
-        self.keys, self._key_buffer = self._append(self.keys, self._key_buffer, key_states)
-        self.values, self._value_buffer = self._append(self.values, self._value_buffer, value_states)
+        self.keys = self._append(self.keys, key_states)
+        self.values = self._append(self.values, value_states)
         if outside_model:
             self.seen = max(self.seen, int(self.column_steps().max()) + 1)
         return self.keys, self.values
@@ -285,20 +283,22 @@ class HydraDynamicLayer(HydraLayerMixin, DynamicLayer):
     def steps_are_implicit(self) -> bool:
         return self.key_steps is None
 
-    def _append(
-        self, view: torch.Tensor | None, buffer: torch.Tensor | None, new: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append columns (dim 2) in place into `buffer` (with spare room); return the view of the used columns and
-        the buffer. A decode step then writes one column instead of copying the whole cache. When `view` was
-        replaced by another tensor (crop, beam reorder), the next append starts a new buffer from it."""
+    def _append(self, view: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+        """Append columns (dim 2) in place into the buffer behind `view` (with spare room); return the view of the used
+        columns. A decode step then writes one column instead of copying the whole cache. The buffer is the view's
+        base, not an attribute of its own (the layer's tensors are what an export flattens: a spare-column buffer
+        would be one more, uninitialised, input and output); when `view` was replaced by another tensor (crop keeps
+        a view of the same buffer; beam reorder, batch select make new tensors), the next append starts a new buffer."""
         used = 0 if view is None else view.shape[2]
         n = new.shape[2]
+        buffer = None if view is None else view._base
         if (
             buffer is None
-            or view is None
+            or buffer.dim() != 4
             or buffer.shape[2] < used + n
             or view.data_ptr() != buffer.data_ptr()
-            or view.shape[0] != buffer.shape[0]
+            or buffer.shape[:2] != view.shape[:2]
+            or buffer.shape[3] != view.shape[3]
         ):
             spare = 0 if used == 0 else max(32, min(self.MAX_SPARE, (used + n) // 16))  # a prefill allocates exactly
             shape = list(new.shape)
@@ -307,7 +307,7 @@ class HydraDynamicLayer(HydraLayerMixin, DynamicLayer):
             if used:
                 buffer[:, :, :used].copy_(view)
         buffer[:, :, used : used + n].copy_(new)
-        return buffer[:, :, : used + n], buffer
+        return buffer[:, :, : used + n]
 
     @staticmethod
     def _cat(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:

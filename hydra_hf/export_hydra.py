@@ -329,11 +329,12 @@ def greedy_decode(
     out = runners["prefill"](input_ids=input_ids, attention_mask=mask, cache=cache, logits_to_keep=1)
     tokens, logits = [], []
     done = torch.zeros(B, dtype=torch.bool)
+    finished_id = exported.config.pad_token_id if exported.config.pad_token_id is not None else eos_token_id
     for step in range(max_new_tokens):
         step_logits = out.logits[:, -1].float().cpu()
         nxt = step_logits.argmax(-1)
         if eos_token_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, exported.config.pad_token_id or eos_token_id), nxt)
+            nxt = torch.where(done, torch.full_like(nxt, finished_id), nxt)
             done |= nxt == eos_token_id
         tokens.append(nxt)
         logits.append(step_logits)

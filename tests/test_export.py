@@ -132,6 +132,20 @@ def test_dynamo_export_saves_and_loads_back_with_the_runner(tmp_path):
     assert torch.equal(greedy_decode(loaded, ids, mask, max_new_tokens=NEW_TOKENS), want)
 
 
+def test_dynamic_batch_and_prompt_length():
+    """`dynamic=True`: one graph pair for any batch and prompt length (3 .. max_cache_len - 1; shorter prompts are
+    left-padded to 3), through torch.export; MoD + MoR."""
+    model = tiny_model(**ROUTING_MODES["mod"] | ROUTING_MODES["mor_expert"]).eval()
+    exported = export_for_decoding(model, "dynamo", max_cache_len=24, batch_size=2, prompt_length=6, dynamic=True)
+    assert export_shapes(exported)["dynamic_batch"] and export_shapes(exported)["dynamic_prompt"]
+    for batch, length in ((1, 2), (3, 9)):
+        ids = torch.randint(1, 97, (batch, length), generator=torch.Generator().manual_seed(length))
+        mask = torch.ones_like(ids)
+        mask[-1, : length // 2] = 0  # the last row left-padded
+        want = eager_greedy_decode(model, ids, mask, max_new_tokens=8)
+        assert torch.equal(greedy_decode(exported, ids, mask, max_new_tokens=8), want)
+
+
 @pytest.mark.parametrize("mode", ["mor_token", "static"])
 def test_other_routing_modes_export_one_step(mode):
     """Token-choice MoR and static routing (the middle-cycle layout exports too, docs/deploy.md): prefill and a

@@ -104,15 +104,20 @@ def export(args) -> int:
     check_args(args)
     import torch
 
-    from hydra_hf.export_hydra import eager_greedy_decode, export_for_decoding, export_shapes, greedy_decode
+    from hydra_hf.export_hydra import (
+        HydraExportError, eager_greedy_decode, export_for_decoding, export_shapes, greedy_decode,
+    )
 
     model = _load(args)
     output_dir = args.output_dir or os.path.join(args.run_dir, f"export-{args.format}")
     print(f"hydra-export: tracing prefill and decode ({args.format}) of {args.run_dir} ...", flush=True)
-    exported = export_for_decoding(
-        model, args.format, max_cache_len=args.max_cache_len, batch_size=args.batch_size,
-        prompt_length=args.prompt_length, dynamic=args.dynamic,
-    )
+    try:
+        exported = export_for_decoding(
+            model, args.format, max_cache_len=args.max_cache_len, batch_size=args.batch_size,
+            prompt_length=args.prompt_length, dynamic=args.dynamic,
+        )
+    except HydraExportError as exc:
+        raise UsageError(str(exc)) from exc
     exported.save_pretrained(output_dir)
     _save_tokenizer(args.run_dir, output_dir)
     if args.check:
