@@ -472,6 +472,9 @@ class HydraAttention(HydraCCAProjection):
             # when some row kept every token, K = T: the layout never depends on the data).
             cols = (tokens.steps - past).long()  # (B, K) unique per row
             spread = cols[:, None, :, None].expand(B, Hk, K, h)
+            if key_valid is not None:  # an invalid column holds zeros, whichever slot computed it (no data in it)
+                zero = ~key_valid[:, None, :, None]
+                key, value = key.masked_fill(zero, 0.0), value.masked_fill(zero, 0.0)
             key = key.new_zeros(B, Hk, T, h).scatter(2, spread, key)
             value = value.new_zeros(B, Hk, T, h).scatter(2, spread, value)
             kept = key_valid if key_valid is not None else torch.ones_like(cols, dtype=torch.bool)
