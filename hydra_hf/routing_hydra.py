@@ -848,13 +848,18 @@ class RoutingPass:
         """Turn a decision into how the layer runs: in place, gathered, or not at all."""
         if active is None:
             return LayerSelection(gate=gate)
+        if self.config.static_routing and routed:
+            # Fixed shapes: every real token is computed (its conv / value-shift state advances), unselected ones get
+            # weight 0 and are hidden as keys. (Also a decode step on the static cache: the token is not skipped.)
+            if self.fixed_shape_decode:
+                return LayerSelection(
+                    slot_valid=self.token_valid, gate=_mul(gate, active.to(_dtype(gate))), key_visible=active
+                )
+            return self._gathered(self.token_valid, None, _mul(gate, active.float()), key_visible=active, routed=False)
         if self.fixed_shape_decode:
             # Decode step on the static cache: fixed shapes for torch.compile. Every row computes its token; a row
             # whose token is skipped (routing) or padding adds nothing, stores an invalid column, keeps its state.
             return LayerSelection(slot_valid=active, gate=_mul(gate, active.to(_dtype(gate))), cache_every_step=True)
-        if self.config.static_routing and routed:
-            # Fixed shapes: every real token is computed, unselected ones get weight 0 and are hidden as keys.
-            return self._gathered(self.token_valid, None, _mul(gate, active.float()), key_visible=active, routed=False)
         if self.T == 1:
             # One token per row (decoding): skip the layer when no row processes it, else run it in place.
             rows = int(active[:, 0].sum())

@@ -9,7 +9,6 @@ through many tokens and the routers make mixed decisions (checked).
 """
 
 import copy
-import os
 import sys
 
 import pytest
@@ -167,6 +166,26 @@ def test_other_routing_modes_export_one_step(mode):
         with torch.no_grad():
             torch.testing.assert_close(program(**copy.deepcopy(inputs)).logits, model(**copy.deepcopy(inputs)).logits,
                                        atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", [m for m in ROUTING_MODES if m not in ("moe", "all")])
+def test_static_cache_decodes_like_the_growing_cache(mode):
+    """The graphs run the static cache: greedy decoding on it equals `generate()` on the growing HydraCache for every
+    exportable routing mode (32 tokens, a left-padded batch of 2, weights that make the sequences and routers move).
+    Static routing used to diverge here: a decode step on the static cache skipped the unselected token's conv /
+    value-shift state instead of computing it and hiding its key."""
+    from transformers import GenerationConfig
+
+    model = tiny_model(**ROUTING_MODES[mode], initializer_range=0.3).eval()
+    ids, mask = prompts(2)
+    outputs = []
+    for implementation in (None, "static"):
+        config = GenerationConfig(do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0,
+                                  cache_implementation=implementation)
+        with torch.no_grad():
+            outputs.append(model.generate(ids, attention_mask=mask, generation_config=config))
+    assert len(set(outputs[0][:, 8:].flatten().tolist())) >= 8
+    assert torch.equal(outputs[0], outputs[1]), (outputs[0].tolist(), outputs[1].tolist())
 
 
 def test_executorch_greedy_decode_equals_eager():
