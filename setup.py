@@ -5,6 +5,9 @@ from setuptools import find_packages, setup
 GPU = ["triton>=3.0", "liger-kernel>=0.5"]
 QUANT = ["bitsandbytes>=0.45"]
 TENSORBOARD = ["tensorboard>=2.15"]
+# export: hydra-export and hydra_hf.export_hydra (transformers' OnnxExporter and ONNX Runtime, ExecuTorch); dev takes
+# them too, so that CI runs tests/test_export.py.
+EXPORT_REQUIRES = ["onnx>=1.18", "onnxscript>=0.5", "onnxruntime>=1.20", "executorch>=1.0"]
 
 setup(
     name="hydra_hf",
@@ -49,13 +52,15 @@ setup(
         "gpu": GPU,
         "quant": QUANT,
         "tensorboard": TENSORBOARD,
-        "dev": GPU + QUANT + TENSORBOARD + ["pytest>=8.0", "lm_eval>=0.4.8", "trl>=1.16,<2"],
+        "dev": GPU + QUANT + TENSORBOARD + EXPORT_REQUIRES + ["pytest>=8.0", "lm_eval>=0.4.8", "trl>=1.16,<2"],
+        "export": EXPORT_REQUIRES,
     },
     entry_points={
         "console_scripts": [
             "hydra-train=hydra_hf.cli.train:main",
             "hydra-generate=hydra_hf.cli.generate:main",
             "hydra-report=hydra_hf.cli.report:main",
+            "hydra-export=hydra_hf.cli.export:main",
         ]
     },
 )

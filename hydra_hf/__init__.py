@@ -22,6 +22,7 @@ from .modeling_hydra import (
     HydraPreTrainedModel,
 )
 from .routing_hydra import ROUTING_MODES, RoutingRecord, RoutingState, register_routing_mode
+from .export_hydra import register_pytree_nodes
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ HydraModel.register_for_auto_class("AutoModel")
 HydraForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 modeling_auto.MODEL_MAPPING_NAMES.setdefault("hydra", "HydraModel")
 modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault("hydra", "HydraForCausalLM")
+register_pytree_nodes()  # the cache and the routing record as pytree nodes, for transformers' exporters
 
 __all__ = [
     "HydraConfig",

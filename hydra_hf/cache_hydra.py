@@ -199,7 +199,7 @@ class HydraLayerMixin:
 
     def owned_tensors(self) -> list[torch.Tensor]:
         """Every tensor this layer keeps alive (what `storage_bytes` counts)."""
-        return [t for t in (getattr(self, n) for n in self._batch_tensors + ("_key_buffer", "_value_buffer")) if t is not None]
+        return [t for t in (getattr(self, n) for n in self._batch_tensors) if t is not None]
 
     def __repr__(self):
         return f"{type(self).__name__}(columns={self.num_columns()}, seen={self.seen})"
@@ -218,8 +218,6 @@ class HydraDynamicLayer(HydraLayerMixin, DynamicLayer):
         self.key_valid: torch.Tensor | None = None  # (B, S) bool; None = every column valid
         self.key_steps: torch.Tensor | None = None  # (B, S) int32; None = column j is step j
         self.seen = 0  # input steps seen
-        self._key_buffer: torch.Tensor | None = None  # storage behind `keys` (B, Hk, S + spare, h)
-        self._value_buffer: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -258,16 +256,16 @@ class HydraDynamicLayer(HydraLayerMixin, DynamicLayer):
                 steps = (torch.arange(K, device=key_states.device) + steps).expand(B, K)
         else:
             self._materialize_steps(B)  # routed columns: rows differ, the steps are stored
-        if valid is not None and bool(valid.all()):
-            valid = None
+        if valid is not None and not torch.compiler.is_exporting() and bool(valid.all()):
+            valid = None  # (an exported graph keeps the validity: no branch on the data)
         if valid is not None and self.key_valid is None:
             self.key_valid = torch.ones(B, used, dtype=torch.bool, device=key_states.device)  # the columns so far
         if self.key_valid is not None:
             self.key_valid = self._cat(self.key_valid, valid if valid is not None else self._ones(B, K))
         if self.key_steps is not None:
             self.key_steps = self._cat(self.key_steps, steps.to(torch.int32))
-        self.keys, self._key_buffer = self._append(self.keys, self._key_buffer, key_states)
-        self.values, self._value_buffer = self._append(self.values, self._value_buffer, value_states)
+        self.keys = self._append(self.keys, key_states)
+        self.values = self._append(self.values, value_states)
         if outside_model:
             self.seen = max(self.seen, int(self.column_steps().max()) + 1)
         return self.keys, self.values
@@ -289,20 +287,22 @@ class HydraDynamicLayer(HydraLayerMixin, DynamicLayer):
     def steps_are_implicit(self) -> bool:
         return self.key_steps is None
 
-    def _append(
-        self, view: torch.Tensor | None, buffer: torch.Tensor | None, new: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append columns (dim 2) in place into `buffer` (with spare room); return the view of the used columns and
-        the buffer. A decode step then writes one column instead of copying the whole cache. When `view` was
-        replaced by another tensor (crop, beam reorder), the next append starts a new buffer from it."""
+    def _append(self, view: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+        """Append columns (dim 2) in place into the buffer behind `view` (with spare room); return the view of the used
+        columns. A decode step then writes one column instead of copying the whole cache. The buffer is the view's
+        base, not an attribute of its own (the layer's tensors are what an export flattens: a spare-column buffer
+        would be one more, uninitialised, input and output); when `view` was replaced by another tensor (crop keeps
+        a view of the same buffer; beam reorder, batch select make new tensors), the next append starts a new buffer."""
         used = 0 if view is None else view.shape[2]
         n = new.shape[2]
+        buffer = None if view is None else view._base
         if (
             buffer is None
-            or view is None
+            or buffer.dim() != 4
             or buffer.shape[2] < used + n
             or view.data_ptr() != buffer.data_ptr()
-            or view.shape[0] != buffer.shape[0]
+            or buffer.shape[:2] != view.shape[:2]
+            or buffer.shape[3] != view.shape[3]
         ):
             spare = 0 if used == 0 else max(32, min(self.MAX_SPARE, (used + n) // 16))  # a prefill allocates exactly
             shape = list(new.shape)
@@ -311,7 +311,7 @@ class HydraDynamicLayer(HydraLayerMixin, DynamicLayer):
             if used:
                 buffer[:, :, :used].copy_(view)
         buffer[:, :, used : used + n].copy_(new)
-        return buffer[:, :, : used + n], buffer
+        return buffer[:, :, : used + n]
 
     @staticmethod
     def _cat(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -349,26 +349,34 @@ class HydraDynamicLayer(HydraLayerMixin, DynamicLayer):
 
 
 class HydraStaticLayer(HydraLayerMixin, StaticLayer):
-    """Preallocated layer of `HydraStaticCache`: column i holds step i, written in place; the step count is the
-    cache's (0-dim tensor, shared by every layer), so a compiled decode step reads no Python state."""
+    """Preallocated layer of `HydraStaticCache`: column i holds step i, written in place; the step count is a 0-dim
+    tensor (`cumulative_length`, as in transformers' `StaticLayer`), so a compiled decode step reads no Python state.
+
+    Every layer owns its counter and the cache advances them together (no tensor is shared between layers: an
+    exported graph takes each counter as its own input, and aliased inputs do not export)."""
 
     is_compileable = True
     _batch_tensors = ("keys", "values", "key_valid", "rolling", "rolling_steps")
 
-    def __init__(self, max_cache_len: int, rolling_width: int = 1, step_counter: torch.Tensor | None = None, **kwargs):
+    def __init__(self, max_cache_len: int, rolling_width: int = 1, **kwargs):
         super().__init__(max_cache_len=max_cache_len, **kwargs)
         self._init_hydra_state(rolling_width)
-        self.step_counter = step_counter if step_counter is not None else torch.zeros((), dtype=torch.long)
+        self.cumulative_length = torch.zeros((), dtype=torch.long)  # input steps seen (transformers' field name)
         self.key_valid: torch.Tensor | None = None  # (B, max_cache_len) bool
         self.key_steps: torch.Tensor | None = None  # (B, max_cache_len) int32 = arange (a broadcast view, no storage)
 
     @property
+    def step_counter(self) -> torch.Tensor:
+        """The 0-dim step count (`cumulative_length`)."""
+        return self.cumulative_length
+
+    @property
     def seen(self) -> int:
-        return int(self.step_counter)
+        return int(self.cumulative_length)
 
     @seen.setter
     def seen(self, value: int) -> None:
-        self.step_counter.fill_(value)
+        self.cumulative_length.fill_(value)
 
     @property
     def is_croppable(self) -> bool:
@@ -404,7 +412,7 @@ class HydraStaticLayer(HydraLayerMixin, StaticLayer):
             self.lazy_initialization(key_states, value_states)
         B, Hk, K, h = key_states.shape
         if steps is None:
-            steps = (torch.arange(K, device=key_states.device) + self.step_counter).expand(B, K)
+            steps = (torch.arange(K, device=key_states.device) + self.cumulative_length).expand(B, K)
         if valid is None:
             valid = torch.ones(B, K, dtype=torch.bool, device=key_states.device)
         col = steps.long().clamp(max=self.max_cache_len - 1)  # (B, K)
@@ -439,7 +447,7 @@ class HydraStaticLayer(HydraLayerMixin, StaticLayer):
             self.key_valid.zero_()
         self.rolling = self.rolling_steps = None
         self.record_past, self.record_start = False, 0
-        self.step_counter.zero_()
+        self.cumulative_length.zero_()
 
 
 class HydraCacheMixin:
@@ -548,24 +556,28 @@ class HydraStaticCache(HydraCacheMixin, StaticCache):
             raise ValueError("HydraStaticCache needs the model's HydraConfig (config=model.config), as StaticCache does")
         num_layers, rolling_width = self._layer_layout("HydraStaticCache", config, num_layers)
         super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)  # StaticCache's own constructor ...
-        # ... then HYDRA's layers, which share one step counter
-        self.step_counter = torch.zeros((), dtype=torch.long)
-        self.layers = [HydraStaticLayer(max_cache_len, rolling_width, self.step_counter) for _ in range(num_layers)]
+        # ... then HYDRA's layers, each with its step counter (advanced together)
+        self.layers = [HydraStaticLayer(max_cache_len, rolling_width) for _ in range(num_layers)]
         self.layer_class_to_replicate = None
         self.max_cache_len = max_cache_len
 
+    @property
+    def step_counter(self) -> torch.Tensor:
+        """The 0-dim tensor of input steps seen (every layer keeps the same count; this is the first layer's)."""
+        return self.layers[0].cumulative_length
+
     def place(self, device: torch.device) -> None:
-        """Put the step counter on the model's device (once, at the first forward)."""
-        if self.step_counter.device != device:
-            self.step_counter = self.step_counter.to(device)
-            for layer in self.layers:
-                layer.step_counter = self.step_counter
+        """Put the step counters on the model's device (once, at the first forward)."""
+        for layer in self.layers:
+            if layer.cumulative_length.device != device:
+                layer.cumulative_length = layer.cumulative_length.to(device)
 
     def advance(self, num_tokens: int) -> None:
-        self.step_counter.add_(num_tokens)
+        for layer in self.layers:
+            layer.cumulative_length.add_(num_tokens)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.step_counter)
+        return int(self.layers[layer_idx].cumulative_length)
 
 
 HydraCacheLayer = HydraDynamicLayer  # the name before the dynamic / static split

@@ -456,11 +456,10 @@ class HydraAttention(HydraCCAProjection):
 
         implementation = self.config._attn_implementation
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        if (
-            implementation == "sdpa"
-            and K == 1
-            and query.device.type == "cpu"
-            and B * self.num_key_value_heads * S >= DECODE_MATMUL_MIN_KEYS
+        if K == 1 and implementation == "sdpa" and not tokens.output_attentions and (
+            # an exported decode step always takes the grouped matmuls: no branch on the (dynamic) batch size
+            torch.compiler.is_exporting()
+            or (query.device.type == "cpu" and B * self.num_key_value_heads * S >= DECODE_MATMUL_MIN_KEYS)
         ):
             attention_interface = grouped_decode_attention
         attn_output, attn_weights = attention_interface(
@@ -498,10 +497,14 @@ class HydraAttention(HydraCCAProjection):
         static = isinstance(cache, HydraStaticCache)
         if tokens.every_step and isinstance(past, int):
             steps = past  # the forward's steps in order: a dense layer keeps its steps implicit
-        elif not tokens.every_step and tokens.cache_every_step and K < T and tokens.sequence_ids is None and not static:
-            # Only padding was left out: cache one column per input step (padding invalid), as Llama does.
+        elif not tokens.every_step and tokens.cache_every_step and tokens.sequence_ids is None and not static:
+            # Only padding was left out: cache one column per input step (padding invalid), as Llama does (also
+            # when some row kept every token, K = T: the layout never depends on the data).
             cols = (tokens.steps - past).long()  # (B, K) unique per row
             spread = cols[:, None, :, None].expand(B, Hk, K, h)
+            if key_valid is not None:  # an invalid column holds zeros, whichever slot computed it (no data in it)
+                zero = ~key_valid[:, None, :, None]
+                key, value = key.masked_fill(zero, 0.0), value.masked_fill(zero, 0.0)
             key = key.new_zeros(B, Hk, T, h).scatter(2, spread, key)
             value = value.new_zeros(B, Hk, T, h).scatter(2, spread, value)
             kept = key_valid if key_valid is not None else torch.ones_like(cols, dtype=torch.bool)
@@ -786,7 +789,7 @@ class TokenStream:
     token_valid: torch.Tensor | None  # (B, T) bool real tokens; None = all
     sequence_ids: torch.Tensor | None  # (B, T) packed-sequence ids; None = one sequence per row
     past_length: int | torch.Tensor  # a 0-dim tensor on the static cache (a compiled decode step reads no Python int)
-    fixed_shape_decode: bool  # a one-token step on the static cache: every row computes its token
+    fixed_shapes: bool  # the static cache or torch.export: no shape or branch depends on the data
 
     @property
     def batch_size(self) -> int:
@@ -800,6 +803,9 @@ class TokenStream:
     def build(cls, inputs_embeds: torch.Tensor, attention_mask, position_ids, cache) -> "TokenStream":
         B, T, _ = inputs_embeds.shape
         static = isinstance(cache, HydraStaticCache)
+        # Fixed shapes (no shape or branch that depends on the data): always on the static cache, and on any cache
+        # (or none) while torch.export traces, so that an exported graph serves every input of its shapes.
+        fixed = static or torch.compiler.is_exporting()
         if static:
             past = cache.step_counter  # stays a tensor
             if not torch.compiler.is_compiling() and int(past) + T > cache.max_cache_len:
@@ -809,7 +815,6 @@ class TokenStream:
                 )
         else:
             past = cache.get_seq_length() if cache is not None else 0
-        fixed_shape_decode = static and T == 1
         token_valid = None
         if attention_mask is not None:
             if attention_mask.ndim != 2:
@@ -829,7 +834,7 @@ class TokenStream:
                 token_valid = attention_mask.gather(1, idx.unsqueeze(0).expand(B, -1)).bool()
             else:
                 token_valid = attention_mask[:, -T:].bool()
-            if not fixed_shape_decode and bool(token_valid.all()):  # (a static-cache decode step never syncs)
+            if not fixed and bool(token_valid.all()):  # (fixed shapes never sync)
                 token_valid = None
         steps = (torch.arange(T, device=inputs_embeds.device) + past).unsqueeze(0).expand(B, -1)  # (B, T)
         sequence_ids = None
@@ -840,10 +845,12 @@ class TokenStream:
                 position_ids = positions.gather(1, steps.clamp(max=attention_mask.shape[1] - 1))
         else:
             position_ids = (position_ids.unsqueeze(0) if position_ids.ndim == 1 else position_ids).expand(B, -1)
-            sequence_ids = sequence_ids_from_positions(position_ids, token_valid)
+            # (a traced fixed-shape graph takes every row as one sequence: finding restarts is data-dependent)
+            if not (fixed and torch.compiler.is_compiling()):
+                sequence_ids = sequence_ids_from_positions(position_ids, token_valid)
             if sequence_ids is not None and static:
                 raise ValueError("packed sequences (position_ids restarting inside a row) need the dynamic HydraCache")
-        return cls(steps, position_ids, token_valid, sequence_ids, past, fixed_shape_decode)
+        return cls(steps, position_ids, token_valid, sequence_ids, past, fixed)
 
     def tokens_for(
         self, selection: LayerSelection, position_embeddings: tuple[torch.Tensor, torch.Tensor], output_attentions: bool
@@ -1049,7 +1056,7 @@ class HydraModel(HydraPreTrainedModel):
         routing = RoutingPass(
             config, self.routing_state, self.mod_routers, self.mor_routers, self.num_recursion_groups,
             batch_size=stream.batch_size, length=stream.length, token_valid=stream.token_valid,
-            sequence_ids=stream.sequence_ids, fixed_shape_decode=stream.fixed_shape_decode,
+            sequence_ids=stream.sequence_ids, fixed_shapes=stream.fixed_shapes,
         )
         expert_inputs = routing.expert_inputs(domain_labels, inputs_embeds.device) if len(self.moe_blocks) else {}
 

@@ -265,15 +265,22 @@ def sequence_ids_from_positions(
     return F.pad(restart.long(), (1, 0)).cumsum(dim=1)  # (B, T), 0 for the first sequence of each row
 
 
-def compact_selection(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) bool -> index (B, K), valid (B, K) with K = max tokens selected in a row.
+def compact_selection(active: torch.Tensor, fixed_shape: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) bool -> index (B, K), valid (B, K) with K = max tokens selected in a row (K = T with `fixed_shape`:
+    no data-dependent size, for the static cache, which compiles and exports).
 
     Each row lists its selected tokens first, in sequence order, then unselected ones as
     padding slots (valid=False). Indices in a row are unique, so scatter needs no atomics.
+    The order is built from ranks (a cumsum and a scatter, no sort), which every export backend lowers.
     """
-    counts = active.sum(dim=1)  # (B,)
-    K = int(counts.max()) if active.numel() else 0
-    order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :K]  # (B, K)
+    B, T = active.shape
+    selected = active.long()
+    counts = selected.sum(dim=1, keepdim=True)  # (B, 1)
+    K = T if fixed_shape else (int(counts.max()) if active.numel() else 0)
+    # slot of each token: selected ones at 0 .. count-1, the others after them, both in sequence order
+    rank = torch.where(active, selected.cumsum(dim=1) - 1, counts + (1 - selected).cumsum(dim=1) - 1)  # (B, T)
+    positions = torch.arange(T, device=active.device).expand(B, T)
+    order = torch.zeros_like(rank).scatter_(1, rank, positions)[:, :K]  # (B, K)
     valid = torch.gather(active, 1, order)
     return order, valid
 
@@ -744,14 +751,15 @@ class RoutingPass:
         length: int,
         token_valid: torch.Tensor | None,  # (B, T) real tokens; None = all
         sequence_ids: torch.Tensor | None,  # (B, T) packed-sequence ids; None = one sequence per row
-        fixed_shape_decode: bool = False,  # a decode step on the static cache: every row computes its token
+        fixed_shapes: bool = False,  # the static cache: no data-dependent shape (compiles with fullgraph, exports)
     ):
         self.config, self.state = config, state
         self.mod_routers, self.mor_routers = mod_routers, mor_routers
         self.num_recursion_groups = num_recursion_groups
         self.B, self.T = batch_size, length
         self.token_valid, self.sequence_ids = token_valid, sequence_ids
-        self.fixed_shape_decode = fixed_shape_decode
+        self.fixed_shapes = fixed_shapes
+        self.fixed_shape_decode = fixed_shapes and length == 1  # a decode step: every row computes its token
         self.record = RoutingRecord()
         bce = state.mod_aux_weight(config) if (len(mod_routers) or len(mor_routers)) else 0.0
         self.mod_loss_weights = {"bce": bce}
@@ -845,13 +853,18 @@ class RoutingPass:
         """Turn a decision into how the layer runs: in place, gathered, or not at all."""
         if active is None:
             return LayerSelection(gate=gate)
+        if self.config.static_routing and routed:
+            # Fixed shapes: every real token is computed (its conv / value-shift state advances), unselected ones get
+            # weight 0 and are hidden as keys. (Also a decode step on the static cache: the token is not skipped.)
+            if self.fixed_shape_decode:
+                return LayerSelection(
+                    slot_valid=self.token_valid, gate=_mul(gate, active.to(_dtype(gate))), key_visible=active
+                )
+            return self._gathered(self.token_valid, None, _mul(gate, active.float()), key_visible=active, routed=False)
         if self.fixed_shape_decode:
             # Decode step on the static cache: fixed shapes for torch.compile. Every row computes its token; a row
             # whose token is skipped (routing) or padding adds nothing, stores an invalid column, keeps its state.
             return LayerSelection(slot_valid=active, gate=_mul(gate, active.to(_dtype(gate))), cache_every_step=True)
-        if self.config.static_routing and routed:
-            # Fixed shapes: every real token is computed, unselected ones get weight 0 and are hidden as keys.
-            return self._gathered(self.token_valid, None, _mul(gate, active.float()), key_visible=active, routed=False)
         if self.T == 1:
             # One token per row (decoding): skip the layer when no row processes it, else run it in place.
             rows = int(active[:, 0].sum())
@@ -867,10 +880,12 @@ class RoutingPass:
             return LayerSelection(gate=gate, key_visible=key_visible)
         valid = None
         if index is None:
-            index, valid = compact_selection(active)  # (B, K), (B, K)
+            # On the static cache every row keeps T slots (its processed tokens first, the others invalid): the
+            # same result as the compact K = max count, with no shape that depends on the data.
+            index, valid = compact_selection(active, fixed_shape=self.fixed_shapes)  # (B, K), (B, K)
             if index.shape[1] == 0:
                 return LayerSelection(skip=True)
-            if bool(valid.all()):
+            if not self.fixed_shapes and bool(valid.all()):
                 valid = None
         slot_gate = None if gate is None else torch.gather(gate, 1, index)
         if valid is not None:

@@ -1,4 +1,5 @@
-"""Console scripts: `hydra-train` (`train`), `hydra-generate` (`generate`), `hydra-report` (`report`)."""
+"""Console scripts: `hydra-train` (`train`), `hydra-generate` (`generate`), `hydra-report` (`report`),
+`hydra-export` (`export`)."""
 
 import logging
 
