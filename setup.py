@@ -1,13 +1,16 @@
-"""Packaging for hydra_hf: `pip install -e .` (CPU core), extras `[gpu]`, `[quant]`, `[tensorboard]`, `[dev]`."""
+"""Packaging for hydra_hf: `pip install -e .` (CPU core), extras `[gpu]`, `[quant]`, `[tensorboard]`, `[export]`,
+`[executorch]`, `[dev]`."""
 
 from setuptools import find_packages, setup
 
 GPU = ["triton>=3.0", "liger-kernel>=0.5"]
 QUANT = ["bitsandbytes>=0.45"]
 TENSORBOARD = ["tensorboard>=2.15"]
-# export: hydra-export and hydra_hf.export_hydra (transformers' OnnxExporter and ONNX Runtime, ExecuTorch); dev takes
-# them too, so that CI runs tests/test_export.py.
-EXPORT_REQUIRES = ["onnx>=1.18", "onnxscript>=0.5", "onnxruntime>=1.20", "executorch>=1.0"]
+# export: hydra-export and hydra_hf.export_hydra to ONNX (transformers' OnnxExporter, ONNX Runtime); executorch: the .pte
+# format (it pulls torchao, which logs warnings at every `import transformers` on a CPU-only machine, so it is an extra
+# of its own). dev takes both, so that CI runs tests/test_export.py.
+EXPORT_REQUIRES = ["onnx>=1.18", "onnxscript>=0.5", "onnxruntime>=1.20"]
+EXECUTORCH_REQUIRES = ["executorch>=1.0"]
 
 setup(
     name="hydra_hf",
@@ -52,8 +55,9 @@ setup(
         "gpu": GPU,
         "quant": QUANT,
         "tensorboard": TENSORBOARD,
-        "dev": GPU + QUANT + TENSORBOARD + EXPORT_REQUIRES + ["pytest>=8.0", "lm_eval>=0.4.8", "trl>=1.16,<2"],
+        "dev": GPU + QUANT + TENSORBOARD + EXPORT_REQUIRES + EXECUTORCH_REQUIRES + ["pytest>=8.0", "lm_eval>=0.4.8", "trl>=1.16,<2"],
         "export": EXPORT_REQUIRES,
+        "executorch": EXECUTORCH_REQUIRES,
     },
     entry_points={
         "console_scripts": [

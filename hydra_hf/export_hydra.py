@@ -99,7 +99,7 @@ def check_environment(format: str) -> None:
     if missing:
         raise HydraExportError(
             f"format={format!r} needs {', '.join(missing)}: pip install {' '.join(PIP_NAMES[m] for m in missing)} "
-            "(or pip install hydra_hf[export])"
+            f"(or pip install 'hydra_hf[{'executorch' if format == 'executorch' else 'export'}]')"
         )
 
 

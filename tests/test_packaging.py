@@ -15,7 +15,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPTIONAL = {"gpu": {"triton", "liger-kernel"}, "quant": {"bitsandbytes"}, "tensorboard": {"tensorboard"}}
+OPTIONAL = {"gpu": {"triton", "liger-kernel"}, "quant": {"bitsandbytes"}, "tensorboard": {"tensorboard"},
+            "export": {"onnx", "onnxscript", "onnxruntime"}, "executorch": {"executorch"}}
 
 
 def _setup_requirements():

@@ -21,7 +21,7 @@ import glob
 import os
 import sys
 
-from .errors import ArgumentParser, UsageError, first_line, run_cli
+from .errors import ArgumentParser, UsageError, check_range, one_line, run_cli
 
 FORMATS = ("onnx", "dynamo", "executorch")
 
@@ -56,8 +56,9 @@ def check_args(args) -> None:
         checkpoints = sorted(glob.glob(os.path.join(args.run_dir, "checkpoint-*")))
         hint = f"; export a checkpoint instead, e.g. {checkpoints[-1]}" if checkpoints else ""
         raise UsageError(f"run_dir {args.run_dir!r} has no config.json (no final model saved){hint}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch_size={args.batch_size}: must be >= 1")
+    check_range(args.batch_size, "--batch_size", minimum=1, integer=True)
+    check_range(args.max_cache_len, "--max_cache_len", minimum=2, integer=True)
+    check_range(args.prompt_length, "--prompt_length", minimum=1, integer=True)
     if args.prompt_length < 1 or args.max_cache_len <= args.prompt_length:
         raise UsageError(f"--prompt_length={args.prompt_length} --max_cache_len={args.max_cache_len}: need "
                          "1 <= prompt_length < max_cache_len (the cache holds the prompt and every new token)")
@@ -85,7 +86,7 @@ def _load(args):
     try:
         config = AutoConfig.from_pretrained(args.run_dir)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read the model config in {args.run_dir!r}: {first_line(exc)}") from exc
+        raise UsageError(f"cannot read the model config in {args.run_dir!r}: {one_line(exc)}") from exc
     if not isinstance(config, hydra_hf.HydraConfig):
         raise UsageError(f"{args.run_dir!r} holds a {type(config).__name__} (model_type {config.model_type!r}), "
                          "not a HYDRA model")
@@ -96,7 +97,7 @@ def _load(args):
     try:
         model = hydra_hf.HydraForCausalLM.from_pretrained(args.run_dir, dtype="float32").eval()
     except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot load the model weights in {args.run_dir!r}: {first_line(exc)}") from exc
+        raise UsageError(f"cannot load the model weights in {args.run_dir!r}: {one_line(exc)}") from exc
     return model
 
 
