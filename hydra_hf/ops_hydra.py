@@ -226,13 +226,27 @@ def _interpret_requested() -> bool:
     return utils is not None and utils.interpret_requested()
 
 
+def _missing_package_error(backend: str, on_cuda: bool, imported) -> ImportError | None:
+    """The error for an explicitly chosen backend (``"triton"`` or ``"liger"``, not ``"auto"``) whose package is not
+    installed, on CUDA tensors (where it would run); ``imported`` is what its importer returned (None / empty: not
+    installed). None otherwise: on CPU, and in remote code without hydra_hf, the reference ops run quietly, so a
+    config saved with any backend loads and runs everywhere."""
+    if backend not in ("triton", "liger") or not on_cuda or imported or _once(_import_kernel_utils) is None:
+        return None
+    package = "triton" if backend == "triton" else "liger-kernel"
+    return ImportError(
+        f"kernel_backend={backend!r} needs {package}, which is not installed: pip install 'hydra_hf[gpu]' "
+        "(or use kernel_backend='auto' or 'torch': the PyTorch reference ops)"
+    )
+
+
 def _triton_module(backend: str, module: str, *tensors: torch.Tensor | None):
     """The kernel module ``hydra_hf.ops.<module>`` if its Triton kernels can run on ``tensors`` now, else None.
 
     None as well where the kernel package or Triton is not installed (remote code without hydra_hf) and for
     float tensors outside ``TRITON_DTYPES``. Sizes are checked by each dispatcher against ``TRITON_LIMITS``.
     """
-    backend = _effective_backend(backend, *tensors)
+    requested, backend = backend, _effective_backend(backend, *tensors)
     if backend == "torch":
         return None
     ts = [t for t in tensors if t is not None]
@@ -242,7 +256,11 @@ def _triton_module(backend: str, module: str, *tensors: torch.Tensor | None):
     all_cpu = all(t.device.type == "cpu" for t in ts)
     if not (all_cuda or (all_cpu and _interpret_requested())):
         return None
-    mod = _once(_import_triton_kernels).get(module)
+    kernels = _once(_import_triton_kernels)
+    error = _missing_package_error(requested, all_cuda, kernels) if requested == "triton" else None
+    if error is not None:
+        raise error
+    mod = kernels.get(module)
     if mod is None:  # Triton or the hydra_hf kernel package is not installed
         return None
     if all_cuda:
@@ -259,8 +277,9 @@ def _liger(backend: str, *tensors: torch.Tensor) -> ModuleType | None:
     if backend == "torch" or not all(t.is_cuda for t in tensors):
         return None
     liger = _once(_import_liger)
-    if liger is None and backend == "liger":
-        raise ImportError("backend='liger' needs the liger-kernel package (pip install liger-kernel)")
+    error = _missing_package_error(backend, True, liger)
+    if error is not None:
+        raise error
     return liger
 
 

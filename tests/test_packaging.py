@@ -127,3 +127,23 @@ def test_core_install_without_extras_is_quiet_and_names_the_extra(tmp_path):
     losses = [results[b] for b in ("auto", "triton", "liger", "torch")]
     assert all(abs(x - losses[-1]) < 1e-5 for x in losses), losses  # every backend ran the reference
     assert results["kernels_imported"] == []
+
+
+def test_explicit_gpu_backend_without_its_package_names_the_extra(monkeypatch):
+    """On CUDA, kernel_backend "triton" / "liger" without Triton / Liger installed stops with one message naming
+    the [gpu] extra; "auto", "torch" and CPU tensors run the reference quietly (a saved config loads anywhere).
+    (The decision is a pure function of the backend, the device and the import result: checked here on CPU.)"""
+    from hydra_hf import ops_hydra
+
+    for backend, package in (("triton", "triton"), ("liger", "liger-kernel")):
+        error = ops_hydra._missing_package_error(backend, True, None)
+        assert isinstance(error, ImportError)
+        assert f"kernel_backend={backend!r} needs {package}, which is not installed" in str(error)
+        assert "pip install 'hydra_hf[gpu]'" in str(error)
+        assert ops_hydra._missing_package_error(backend, False, None) is None  # CPU: the reference runs
+        assert ops_hydra._missing_package_error(backend, True, object()) is None  # installed
+    for backend in ("auto", "torch"):
+        assert ops_hydra._missing_package_error(backend, True, None) is None
+    # remote code without the hydra_hf package: no kernel could run anyway, the reference runs quietly
+    monkeypatch.setitem(ops_hydra._IMPORTED, ops_hydra._import_kernel_utils, None)
+    assert ops_hydra._missing_package_error("triton", True, None) is None
