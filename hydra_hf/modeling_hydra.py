@@ -904,10 +904,16 @@ class HydraPreTrainedModel(PreTrainedModel):
         super().__init__(config, *inputs, **kwargs)
         register_peft_defaults()  # PEFT's default target modules for model_type "hydra" (see peft_hydra.py)
 
-    # Layers bitsandbytes' 4-bit CPU path cannot run (`_not_4bit_quantizable_patterns`): listed in
-    # `_keep_in_fp32_modules` too, since that is what transformers' quantizers read as modules not to convert, but
-    # left out of the float16 upcast (`_get_dtype_plan`): they are ordinary layers and run in the load dtype.
+    # Layers bitsandbytes' 4-bit CPU path cannot run (`_not_4bit_quantizable_patterns`). When the model is built for
+    # quantized loading (`config.quantization_config`, which `from_pretrained` sets before it builds the model) they
+    # are listed in `_keep_in_fp32_modules` too, since that is what transformers' quantizers read as modules not to
+    # convert, but left out of the float16 upcast (`_get_dtype_plan`): they are ordinary layers and run in the load
+    # dtype. Without quantization `_keep_in_fp32_modules` holds the routers only, and means what it says.
     _not_4bit_quantizable: list[str] = []
+
+    @staticmethod
+    def _quantized_loading(config) -> bool:
+        return getattr(config, "quantization_config", None) is not None
 
     def _get_dtype_plan(self, dtype: torch.dtype) -> dict:
         plan = super()._get_dtype_plan(dtype)
@@ -992,7 +998,9 @@ class HydraModel(HydraPreTrainedModel):
         self._not_4bit_quantizable = _not_4bit_quantizable_patterns(
             (name, module) for name, module in self.named_modules() if not routers.match(name)
         )
-        self._keep_in_fp32_modules = _fp32_router_patterns(num_mod, num_mor, num_moe) + self._not_4bit_quantizable
+        self._keep_in_fp32_modules = _fp32_router_patterns(num_mod, num_mor, num_moe) + (
+            self._not_4bit_quantizable if self._quantized_loading(config) else []
+        )
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -1210,7 +1218,8 @@ class HydraForCausalLM(HydraPreTrainedModel, GenerationMixin):
         self._not_4bit_quantizable = self.model._not_4bit_quantizable + _not_4bit_quantizable_patterns(
             [("lm_head", self.lm_head)]
         )
-        self._keep_in_fp32_modules = list(self._not_4bit_quantizable)  # post_init adds the backbone's routers
+        # (post_init adds the backbone's list: its routers, and its narrow layers when loading quantized)
+        self._keep_in_fp32_modules = list(self._not_4bit_quantizable) if self._quantized_loading(config) else []
         self.post_init()
         # a tied lm_head is never saved; listing it lets the Trainer's resume re-tie it quietly instead of
         # warning "There were missing keys in the checkpoint model loaded: ['lm_head.weight']"

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 import string
 
 import pytest
@@ -356,3 +357,11 @@ def test_float16_load_keeps_narrow_layers_in_float16_and_routers_in_float32(tmp_
     assert model.model.mod_routers[0].proj.weight.dtype == torch.float32
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(0, 97, (1, 8))).logits.float()).all()
+    # transformers' contract (its `test_keep_in_fp32_modules`): what `_keep_in_fp32_modules` names is float32 after a
+    # float16 load, everything else float16. The narrow layers are listed only when loading quantized.
+    keep = model._keep_in_fp32_modules | model._keep_in_fp32_modules_strict
+    assert keep and not any("k_proj" in k for k in keep), keep
+    for name, param in model.state_dict().items():
+        if param.is_floating_point():
+            kept = any(re.search(rf"(?:^|\.){k}(?:\.|$)", name) for k in keep)
+            assert param.dtype == (torch.float32 if kept else torch.float16), (name, param.dtype)
