@@ -143,13 +143,14 @@ def load_baseline(src: str | None):
 
 
 def cache_kwarg(model) -> str:
-    """The forward argument that takes the cache: `past_key_values`, or `cache` in newer transformers."""
+    """The forward argument that takes the cache: `cache` where the forward has it (transformers >= 5.24, where
+    `past_key_values` is a deprecated alias), else `past_key_values` (older transformers, older HYDRA code)."""
     params = inspect.signature(model.forward).parameters
-    return "past_key_values" if "past_key_values" in params else "cache"
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def output_cache(out):
-    for key in ("past_key_values", "cache"):
+    for key in ("cache", "past_key_values"):
         value = out.get(key) if hasattr(out, "get") else getattr(out, key, None)
         if value is not None:
             return value
