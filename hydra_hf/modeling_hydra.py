@@ -1146,7 +1146,7 @@ class HydraModel(HydraPreTrainedModel):
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         if input_ids.numel() and not torch.compiler.is_compiling():
-            low, high = int(input_ids.min()), int(input_ids.max())
+            low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one pass, one device sync
             if low < 0 or high >= self.config.vocab_size:
                 bad = low if low < 0 else high
                 raise ValueError(

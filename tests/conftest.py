@@ -25,6 +25,21 @@ KERNEL_MODULES = (
 )
 
 
+# Python source that, run first in a fresh interpreter (`python -c BLOCK_HYDRA_HF + code`), makes `import hydra_hf`
+# fail there: what a user without the package has (remote-code and model-card tests).
+BLOCK_HYDRA_HF = r"""
+import sys
+
+class BlockHydraHF:
+    def find_spec(self, name, path=None, target=None):
+        if name == "hydra_hf" or name.startswith("hydra_hf."):
+            raise ImportError("hydra_hf is blocked in this test")
+        return None
+
+sys.meta_path.insert(0, BlockHydraHF())
+"""
+
+
 def _import_kernel_modules() -> None:
     previous = os.environ.get("TRITON_INTERPRET")
     if INTERPRET:

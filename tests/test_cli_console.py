@@ -22,6 +22,7 @@ import sys
 
 import pytest
 import torch
+from conftest import BLOCK_HYDRA_HF
 from transformers import AutoTokenizer
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging as hf_logging
@@ -112,18 +113,7 @@ def test_saved_tokenizer_is_a_plain_fast_tokenizer(run):
     assert "instantiate a model of type" not in log.out
 
 
-BLOCKED = r"""
-import sys
-
-class BlockHydraHF:
-    def find_spec(self, name, path=None, target=None):
-        if name == "hydra_hf" or name.startswith("hydra_hf."):
-            raise ImportError("hydra_hf is blocked in this test")
-        return None
-
-sys.meta_path.insert(0, BlockHydraHF())
-sys.modules["torchao"] = None
-"""
+BLOCKED = BLOCK_HYDRA_HF + 'sys.modules["torchao"] = None\n'
 
 
 def _card_snippet(card: str) -> str:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import torch
-from conftest import ROUTING_MODES, tiny_model
+from conftest import BLOCK_HYDRA_HF, ROUTING_MODES, tiny_model
 
 REMOTE_FILES = {
     "configuration_hydra.py",
@@ -24,17 +24,7 @@ REMOTE_FILES = {
     "ops_reference_hydra.py",
 }
 
-LOADER = r"""
-import sys
-
-class BlockHydraHF:
-    def find_spec(self, name, path=None, target=None):
-        if name == "hydra_hf" or name.startswith("hydra_hf."):
-            raise ImportError("hydra_hf is blocked in this test")
-        return None
-
-sys.meta_path.insert(0, BlockHydraHF())
-
+LOADER = BLOCK_HYDRA_HF + r"""
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -17,11 +17,11 @@ Before it returns, the command loads the folder back and checks that a greedy de
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 
 from .errors import ArgumentParser, UsageError, check_range, one_line, run_cli
+from .generate import check_model_dir
 
 FORMATS = ("onnx", "dynamo", "executorch")
 
@@ -49,13 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     """Errors a user can fix, before anything is loaded."""
-    if not os.path.isdir(args.run_dir):
-        raise UsageError(f"run_dir {args.run_dir!r}: no such folder (expected a hydra-train --output_dir or a "
-                         "save_pretrained folder)")
-    if not os.path.isfile(os.path.join(args.run_dir, "config.json")):
-        checkpoints = sorted(glob.glob(os.path.join(args.run_dir, "checkpoint-*")))
-        hint = f"; export a checkpoint instead, e.g. {checkpoints[-1]}" if checkpoints else ""
-        raise UsageError(f"run_dir {args.run_dir!r} has no config.json (no final model saved){hint}")
+    # the config first (a non-HYDRA or MoE config is named before the weights are read); the tokenizer is optional
+    check_model_dir(args.run_dir, field="run_dir", needs=("config",))
     check_range(args.batch_size, "--batch_size", minimum=1, integer=True)
     check_range(args.max_cache_len, "--max_cache_len", minimum=2, integer=True)
     check_range(args.prompt_length, "--prompt_length", minimum=1, integer=True)

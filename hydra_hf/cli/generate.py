@@ -29,24 +29,32 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def check_model_dir(model_dir: str) -> None:
-    """The folder holds a config, weights and a tokenizer (named when missing), before anything is loaded."""
-    expected = "expected a hydra-train --output_dir or a save_pretrained folder with config.json, model.safetensors " \
-               "and the tokenizer files"
+MODEL_DIR_PARTS = {"config": "config.json", "weights": "model.safetensors", "tokenizer": "the tokenizer files"}
+
+
+def check_model_dir(model_dir: str, field: str = "model_dir", needs: tuple[str, ...] = tuple(MODEL_DIR_PARTS)) -> None:
+    """The folder holds what `needs` names (a config, weights, a tokenizer), each named when missing, before anything
+    is loaded; a run folder with checkpoints but no final model names its newest checkpoint."""
+    parts = [MODEL_DIR_PARTS[n] for n in needs]
+    listed = ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
+    expected = f"expected a hydra-train --output_dir or a save_pretrained folder with {listed}"
     if not os.path.isdir(model_dir):
-        raise UsageError(f"model_dir {model_dir!r}: no such folder; {expected}")
+        raise UsageError(f"{field} {model_dir!r}: no such folder; {expected}")
     names = set(os.listdir(model_dir))
     missing = []
-    if "config.json" not in names:
+    if "config" in needs and "config.json" not in names:
         missing.append("config.json")
-    if not names & set(WEIGHT_FILES):
+    if "weights" in needs and not names & set(WEIGHT_FILES):
         missing.append("weights (model.safetensors)")
-    if not names & set(TOKENIZER_FILES):
+    if "tokenizer" in needs and not names & set(TOKENIZER_FILES):
         missing.append("tokenizer files (tokenizer.json)")
     if missing:
         shown = sorted(names)[:5]
         found = f"it holds {', '.join(shown)}{', ...' if len(names) > len(shown) else ''}" if names else "it is empty"
-        raise UsageError(f"model_dir {model_dir!r} has no {', no '.join(missing)} ({found}); {expected}")
+        checkpoints = [n for n in names if n.startswith("checkpoint-") and n[len("checkpoint-"):].isdigit()]
+        newest = max(checkpoints, key=lambda n: int(n[len("checkpoint-"):]), default=None)
+        hint = f"; or use a checkpoint, e.g. {os.path.join(model_dir, newest)}" if newest else ""
+        raise UsageError(f"{field} {model_dir!r} has no {', no '.join(missing)} ({found}); {expected}{hint}")
 
 
 def check_args(args) -> None:
